@@ -1,0 +1,161 @@
+"""Plain LoRA (Hu et al., 2021): the baseline every adaptive method builds on.
+
+`y = act(x W + b + s · (x A) B)` with `A (d_in, r)` Kaiming-uniform, `B (r, d_out)`
+zeros (so the output is unchanged at initialization) and `s = alpha / r`
+(or `alpha / sqrt(r)` with `rslora=True`). The forward pass is factored: two
+small einsums in the layer's own axes, never the full `A B` product.
+"""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, kernel_view
+from keras_adaptive_lora.targets import role_targets
+
+
+def check_rank(layer, rank, what="rank"):
+    """Raise a `ValueError` naming the layer unless `1 <= rank <= min(d_in, d_out)`."""
+    view = kernel_view(layer)
+    limit = min(view.d_in, view.d_out)
+    if not 1 <= rank <= limit:
+        raise ValueError(
+            f"Layer '{layer.name}': {what}={rank} is out of range; its kernel "
+            f"is a ({view.d_in}, {view.d_out}) matrix, so the {what} must be "
+            f"between 1 and min(d_in, d_out) = {limit}."
+        )
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def check_alpha(alpha):
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+        raise ValueError(f"`alpha` must be a positive number or None, got {alpha!r}.")
+    return float(alpha)
+
+
+def check_dropout(dropout):
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
+        0.0 <= dropout < 1.0
+    ):
+        raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+    return float(dropout)
+
+
+def lora_scale(alpha, rank, rslora=False):
+    """The LoRA scaling: `alpha / r`, or `alpha / sqrt(r)` for rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LoRAAdapter(AdapterLayer):
+    """A frozen projection plus a factored rank-`rank` update `s · A B`.
+
+    Args:
+        layer: the built `Dense`/`EinsumDense` to wrap.
+        rank: number of rank components `r`.
+        alpha: scaling numerator. Defaults to `rank` (so `s = 1`, as Keras's
+            built-in LoRA).
+        dropout: dropout rate on the adapter's input path, in training.
+            Defaults to 0.
+        rslora: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+            Defaults to False.
+    """
+
+    def __init__(self, layer, *, rank, alpha=None, dropout=0.0, rslora=False, **kwargs):
+        self.lora_rank = check_positive_int("rank", rank)
+        self.alpha = check_alpha(alpha) if alpha is not None else float(rank)
+        self.dropout = check_dropout(dropout)
+        self.rslora = bool(rslora)
+        check_rank(layer, self.lora_rank)
+        super().__init__(layer, **kwargs)
+
+    @property
+    def scale(self):
+        return lora_scale(self.alpha, self.lora_rank, self.rslora)
+
+    def build_adapter(self):
+        self.lora_a = self.add_adapter_weight(
+            "lora_a", (self.d_in, self.lora_rank), keras.initializers.HeUniform()
+        )
+        self.lora_b = self.add_adapter_weight(
+            "lora_b", (self.lora_rank, self.d_out), "zeros"
+        )
+        self._dropout_layer = (
+            keras.layers.Dropout(self.dropout, name="lora_dropout") if self.dropout else None
+        )
+
+    def delta_kernel(self):
+        return self.scale * ops.matmul(self.lora_a, self.lora_b)
+
+    def delta_output(self, inputs, training=None):
+        if self._dropout_layer is not None:
+            inputs = self._dropout_layer(inputs, training=training)
+        a = ops.cast(self.lora_a, self.compute_dtype)
+        b = ops.cast(self.lora_b, self.compute_dtype)
+        h = self.view.down(inputs, a)
+        return ops.multiply(self.view.up(h, b), ops.cast(self.scale, self.compute_dtype))
+
+    def rank(self):
+        return self.lora_rank
+
+    def adapter_config(self):
+        return {
+            "rank": self.lora_rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "rslora": self.rslora,
+        }
+
+
+class LoRA(AdapterMethod):
+    """Plain LoRA, the baseline.
+
+    Args:
+        rank: the rank `r` of every adapted layer. Defaults to 8.
+        alpha: scaling numerator, `s = alpha / r`. Defaults to `rank` (`s = 1`).
+        dropout: dropout rate on the adapter path. Defaults to 0.
+        rslora: use `s = alpha / sqrt(r)` (rank-stabilized LoRA).
+            Defaults to False.
+
+    Default targets: the query and value projections (as in the LoRA paper and
+    keras-hub's `enable_lora`).
+
+    Example:
+    ```python
+    import keras, keras_adaptive_lora as kal
+    dense = keras.layers.Dense(16); dense.build((None, 32))
+    adapter = kal.LoRA(rank=4).wrap(dense)
+    merged = adapter.merge()  # a plain Dense again
+    ```
+    """
+
+    name = "lora"
+    default_targets = role_targets("query", "value")
+
+    def __init__(self, *, rank=8, alpha=None, dropout=0.0, rslora=False):
+        self.rank = check_positive_int("rank", rank)
+        self.alpha = check_alpha(alpha)
+        self.dropout = check_dropout(dropout)
+        self.rslora = bool(rslora)
+
+    def wrap(self, layer):
+        return LoRAAdapter(
+            layer, rank=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora
+        )
+
+    def get_config(self):
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "rslora": self.rslora,
+        }
