@@ -382,7 +382,8 @@ def apply_adapters(model, method, targets=None, train_also=()):
     train_also_layers = _find_named(model, train_also, "train_also")
     sites = match_targets(model, method, targets, train_also)
     # Wrap all first (errors leave the model untouched), then swap.
-    wrapped = [(parent, layer, method.wrap(layer)) for parent, layer in sites]
+    adapters = method.wrap_all([layer for _, layer in sites])
+    wrapped = [(parent, layer, adapter) for (parent, layer), adapter in zip(sites, adapters)]
     for parent, layer, adapter in wrapped:
         swap_layer(parent, layer, adapter)
     _reset_compiled_functions(model)

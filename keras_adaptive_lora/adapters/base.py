@@ -371,6 +371,15 @@ class AdapterMethod(abc.ABC):
     def wrap(self, layer):
         """Return an `AdapterLayer` wrapping the built `layer`."""
 
+    def wrap_all(self, layers):
+        """Wrap every layer of one `apply_adapters` call; returns the adapters.
+
+        Methods whose per-layer choices depend on all targeted layers at once
+        (e.g. a global parameter budget) override this; the default wraps
+        each layer on its own.
+        """
+        return [self.wrap(layer) for layer in layers]
+
     def get_config(self):
         return {}
 
