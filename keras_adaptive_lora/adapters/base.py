@@ -245,6 +245,19 @@ class AdapterLayer(keras.layers.Layer):
         self._parent_path = layer._parent_path
         self.build(layer.get_build_config()["input_shape"])
 
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Toggling an adapter (e.g. `model.trainable = True`) never unfreezes
+        # the wrapped base layer.
+        keras.layers.Layer.trainable.fset(self, value)
+        wrapped = self.__dict__.get("wrapped") or getattr(self, "_modules", {}).get("wrapped")
+        if wrapped is not None:
+            wrapped.trainable = False
+
     # Shape facts ---------------------------------------------------------------
     @property
     def d_in(self):
