@@ -228,6 +228,8 @@ def match_targets(model, method, targets=None, train_also=()):
                 if id(site[1]) not in seen:
                     seen.add(id(site[1]))
                     sites.append(site)
+        order = {id(layer): i for i, (_, layer) in enumerate(every)}
+        sites.sort(key=lambda site: order[id(site[1])])
     adapted = [layer for _, layer in sites if isinstance(layer, AdapterLayer)]
     if adapted:
         raise ValueError(
