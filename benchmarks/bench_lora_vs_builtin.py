@@ -1,0 +1,101 @@
+"""Training-step time of our factored LoRA vs Keras's built-in `enable_lora`.
+
+Same mid-size Gemma config built from config (hidden 512, 4 layers, sequence
+128), same batch, same rank, same targets (query and value, the targets of
+keras-hub's `Backbone.enable_lora`), measured side by side in one process per
+backend: the two models' steps are interleaved in rounds and the median step
+time of each is reported, so machine noise hits both alike.
+
+Usage:
+    python benchmarks/bench_lora_vs_builtin.py                 # all backends
+    python benchmarks/bench_lora_vs_builtin.py --backends jax  # one backend
+Prints one line per backend: ms/step for each and the ratio ours/built-in
+(target: <= 1.0).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, os, statistics, sys, time
+import numpy as np
+import keras, keras_hub
+import keras_adaptive_lora as kal
+
+cfg = json.loads(sys.argv[1])
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.GemmaBackbone(
+        vocabulary_size=1000, num_layers=cfg["layers"], num_query_heads=8,
+        num_key_value_heads=1, hidden_dim=cfg["hidden"], intermediate_dim=2 * cfg["hidden"],
+        head_dim=cfg["hidden"] // 8)
+
+rng = np.random.default_rng(0)
+x = {"token_ids": rng.integers(0, 1000, (cfg["batch"], cfg["seq"])).astype("int32"),
+     "padding_mask": np.ones((cfg["batch"], cfg["seq"]), "int32")}
+y = rng.normal(size=(cfg["batch"], cfg["seq"], cfg["hidden"])).astype("float32")
+
+ours = build()
+report = kal.apply_adapters(ours, kal.LoRA(rank=cfg["rank"]), targets=["query", "value"])
+peer = build()
+peer.enable_lora(cfg["rank"], target_layer_names=["query", "value"])
+models = {"ours": ours, "builtin": peer}
+for m in models.values():
+    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    for _ in range(3):  # compile / warm up
+        m.train_on_batch(x, y)
+counts = {k: sum(int(np.prod(v.shape)) for v in m.trainable_weights) for k, m in models.items()}
+times = {k: [] for k in models}
+for _ in range(cfg["rounds"]):
+    for name, m in models.items():
+        start = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            loss = m.train_on_batch(x, y)
+        float(np.asarray(loss))
+        times[name].append((time.perf_counter() - start) / cfg["steps"])
+med = {k: statistics.median(v) for k, v in times.items()}
+print(json.dumps({"backend": keras.backend.backend(), "ms_ours": 1e3 * med["ours"],
+                  "ms_builtin": 1e3 * med["builtin"], "ratio": med["ours"] / med["builtin"],
+                  "params_ours": counts["ours"], "params_builtin": counts["builtin"]}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    cfg = {k: getattr(args, k) for k in ("hidden", "layers", "seq", "batch", "rank", "rounds", "steps")}
+    print(f"config: {cfg}")
+    status = 0
+    for backend in args.backends:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            print(f"{backend}: FAILED\n{proc.stderr[-2000:]}")
+            status = 1
+            continue
+        r = json.loads(lines[-1])
+        print(
+            f"{r['backend']:>10}: ours {r['ms_ours']:.1f} ms/step, built-in enable_lora "
+            f"{r['ms_builtin']:.1f} ms/step, ratio ours/built-in = {r['ratio']:.2f} "
+            f"(trainable params {r['params_ours']:,} vs {r['params_builtin']:,})"
+        )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
