@@ -71,15 +71,31 @@ def _short_name(layer):
 # Swapping a layer in its parent
 # --------------------------------------------------------------------------
 def _replace_in_functional(function, old, new):
+    """Replace operation `old` by `new` in a functional graph, in place.
+
+    Updates the operation lists, every node (and the `KerasHistory` of its
+    output tensors) and the graph's node keys, which embed `id(operation)`.
+    """
     if not hasattr(function, "_nodes_by_depth"):
         return
     function._operations = [new if op is old else op for op in function._operations]
     for depth, ops in list(getattr(function, "_operations_by_depth", {}).items()):
         function._operations_by_depth[depth] = [new if op is old else op for op in ops]
+    for node in getattr(old, "_inbound_nodes", []):
+        node.operation = new
+        for tensor in node.outputs:
+            history = getattr(tensor, "_keras_history", None)
+            if history is not None and history.operation is old:
+                tensor._keras_history = history._replace(operation=new)
     for nodes in function._nodes_by_depth.values():
         for node in nodes:
             if node.operation is old:
                 node.operation = new
+    old_prefix, new_prefix = f"{id(old)}_ib-", f"{id(new)}_ib-"
+    function._nodes = {
+        new_prefix + key[len(old_prefix) :] if key.startswith(old_prefix) else key
+        for key in function._nodes
+    }
     new._inbound_nodes = list(getattr(old, "_inbound_nodes", []))
     new._outbound_nodes = list(getattr(old, "_outbound_nodes", []))
 

@@ -158,6 +158,10 @@ def test_plain_models_fit_merge_and_weights_file(kind, tmp_path):
     fresh = build()
     fresh.load_weights(path)
     np.testing.assert_allclose(to_numpy(fresh(x)), y1, rtol=1e-5, atol=1e-5)
+    if kind != "subclassed":  # graph models serialize to .keras after a merge
+        model.save(str(tmp_path / "merged.keras"))
+        loaded = keras.saving.load_model(str(tmp_path / "merged.keras"))
+        np.testing.assert_allclose(to_numpy(loaded(x)), y1, rtol=1e-5, atol=1e-5)
 
 
 def test_vit_classifier_fit_changes_only_adapters_and_head():
