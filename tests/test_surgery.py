@@ -277,3 +277,14 @@ def test_training_step_updates_adapters_on_every_backend():
     model.fit(x, y, epochs=1, verbose=0)
     for a, b0 in zip(kal.find_adapters(model), b_before):
         assert np.abs(to_numpy(a.lora_b) - b0).max() > 0
+
+
+def test_plain_models_names_and_regex_targets():
+    model = functional_model()
+    report = kal.apply_adapters(model, kal.LoRA(rank=2), targets=[r"mi.", "hidden"])
+    assert [r["path"] for r in report.rows] == ["hidden", "mix"]
+    sub = Subclassed()
+    sub(np.ones((1, 6), "float32"))
+    report = kal.apply_adapters(sub, kal.LoRA(rank=2), targets=[r".*block_\d"])
+    assert [r["path"].rsplit("/", 1)[-1] for r in report.rows] == ["block_0", "block_1"]
+    assert [type(b).__name__ for b in sub.blocks] == ["LoRAAdapter", "LoRAAdapter"]

@@ -101,8 +101,9 @@ class LoRAAdapter(AdapterLayer):
             inputs = self._dropout_layer(inputs, training=training)
         a = ops.cast(self.lora_a, self.compute_dtype)
         b = ops.cast(self.lora_b, self.compute_dtype)
-        h = self.view.down(inputs, a)
-        return ops.multiply(self.view.up(h, b), ops.cast(self.scale, self.compute_dtype))
+        # Scale the small (..., r) activation, not the (..., d_out) output.
+        h = ops.multiply(self.view.down(inputs, a), self.scale)
+        return self.view.up(h, b)
 
     def rank(self):
         return self.lora_rank
