@@ -1,0 +1,380 @@
+"""Keras callbacks of the adaptive methods.
+
+`FlexLoRAScheduler` drives FlexLoRA's rank reallocation (paper §3.3, §4.2)
+from inside `model.fit`: no call to make in a training loop.
+"""
+
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_adaptive_lora.adapters.flexlora import (
+    budget_schedule,
+    find_flexlora_adapters,
+    rank_pattern,
+)
+
+# Optimizer attributes holding per-variable state that must *not* be zeroed
+# (an EMA of the weights is not a statistic of the gradients).
+_SLOTS_NOT_RESET = ("_model_variables_moving_average",)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+    return int(value)
+
+
+def _inner_optimizer(optimizer):
+    while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def reset_optimizer_slots(optimizer, components):
+    """Zero the optimizer state of the given rank components, in place.
+
+    Works with any Keras optimizer that keeps per-variable state in lists
+    aligned with its trainable variables (`Adam`'s `_momentums` and
+    `_velocities`, `SGD`'s `momentums`, `RMSprop`, `Adagrad`, `Lion`, the
+    gradient accumulators, ...): a slot is reset when it has its variable's
+    shape. Factored slots (`Adafactor`) and weight EMAs are left alone.
+
+    Args:
+        optimizer: a Keras optimizer (a `LossScaleOptimizer` is unwrapped).
+        components: iterable of `(variable, axis, index)`: the slice
+            `index` along `axis` of `variable`'s slots is zeroed.
+
+    Returns:
+        The number of slot slices zeroed.
+    """
+    opt = _inner_optimizer(optimizer)
+    if not getattr(opt, "built", False):
+        return 0
+    tracked = getattr(opt, "_trainable_variables", None) or []
+    slot_lists = [
+        value
+        for attr, value in vars(opt).items()
+        if attr not in _SLOTS_NOT_RESET
+        and isinstance(value, list)
+        and len(value) == len(tracked)
+        and value
+        and all(v is None or isinstance(v, keras.Variable) for v in value)
+        and any(v is not None for v in value)
+        and value is not tracked
+    ]
+    grouped = {}
+    for variable, axis, index in components:
+        grouped.setdefault(id(variable), (variable, []))[1].append((axis, index))
+    count = 0
+    for variable, slices in grouped.values():
+        try:
+            k = opt._get_variable_index(variable)
+        except (KeyError, AttributeError):
+            continue
+        for slots in slot_lists:
+            slot = slots[k]
+            if slot is None or tuple(slot.shape) != tuple(variable.shape):
+                continue
+            value = np.array(ops.convert_to_numpy(slot))
+            for axis, index in slices:
+                value[(slice(None),) * axis + (index,)] = 0
+                count += 1
+            slot.assign(value)
+    return count
+
+
+class FlexLoRAScheduler(keras.callbacks.Callback):
+    """Moves FlexLoRA rank between layers during `fit` (paper §3.3, eq. 4).
+
+    At every reallocation step `t` (see `budget_schedule`) with budget
+    `b = b(t)`, the scheduler computes each adapter's spectral entropy
+    importance over its active components, then pairs the `b` least important
+    layers with `r_active > 1` with the `b` most important layers with
+    `r_active < max_rank` (disjoint sets, `b` capped at half the number of
+    layers). In each pair the low-importance layer switches off its
+    smallest-`|λ|` component and the high-importance layer switches on one free
+    slot with zero-impact init (`λ = 0`, fresh `N(0, 0.02²)` vectors). A pair is
+    skipped when the expanding layer is not strictly more important than the
+    pruned one (e.g. all-zero `λ` right after a short warmup): a move needs a
+    reason. Prunes equal expands, so `Σ r_active` is constant.
+
+    Its clock is `model.optimizer.iterations` (completed updates), read after
+    each batch. The rank state is in the adapters' variables (mask, expansion
+    counter, last processed step), so a weights checkpoint
+    (`BackupAndRestore`, `ModelCheckpoint(save_weights_only=True)`) followed
+    by `fit` on a rebuilt model continues the same schedule exactly; a step
+    that was due but not processed before the checkpoint is processed at the
+    start of the next `fit`. After step `total_steps - final_steps` the ranks
+    are frozen. The optimizer state of pruned and expanded components is
+    zeroed (see `reset_optimizer_slots`); every other component keeps it.
+    Nothing is rebuilt, so the compiled train step is not retraced.
+
+    Logs: adds `flexlora/total_rank`, `flexlora/min_rank`, `flexlora/max_rank`
+    and `flexlora/moves` (components moved in this batch, resp. this epoch
+    in the epoch logs) to the batch and epoch `logs`, so `History`,
+    `CSVLogger` and `TensorBoard` record them (place `CSVLogger`/`TensorBoard`
+    after this callback in the list).
+
+    Args:
+        total_steps: `T`, total optimizer steps of the run.
+        b0: the initial budget (moves at the first reallocation). Defaults to 4.
+        warmup_steps: steps before the first reallocation.
+        final_steps: steps at the end with frozen ranks.
+        interval: steps between reallocations (`Δt`).
+        verbose: 0 silent, 1 a rank summary per epoch, 2 also one line per
+            reallocation. Defaults to 1.
+
+    Example:
+    ```python
+    scheduler = FlexLoRAScheduler(
+        total_steps=1000, b0=4, warmup_steps=100, final_steps=200, interval=10
+    )
+    model.fit(x, y, epochs=10, callbacks=[scheduler])
+    scheduler.rank_pattern        # {layer path: final rank}
+    scheduler.rank_history()      # steps x layers, for a heatmap
+    ```
+    """
+
+    def __init__(self, total_steps, *, b0=4, warmup_steps, final_steps, interval, verbose=1):
+        super().__init__()
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.b0 = _check_int("b0", b0, 1)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.final_steps = _check_int("final_steps", final_steps, 0)
+        self.interval = _check_int("interval", interval, 1)
+        if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+            raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
+        self.verbose = int(verbose)
+        if self.warmup_steps + self.final_steps >= self.total_steps:
+            raise ValueError(
+                f"warmup_steps + final_steps = {self.warmup_steps} + "
+                f"{self.final_steps} = {self.warmup_steps + self.final_steps} must be "
+                f"smaller than total_steps = {self.total_steps}; otherwise no step "
+                "is left for rank reallocation."
+            )
+        first = self.warmup_steps + self.interval
+        if first >= self.total_steps - self.final_steps:
+            raise ValueError(
+                f"interval = {self.interval} is too large: the first reallocation "
+                f"would be at step warmup_steps + interval = {first}, but ranks are "
+                f"frozen from step total_steps - final_steps = "
+                f"{self.total_steps - self.final_steps}. Use a smaller interval."
+            )
+        self._adapters = []
+        self._history_steps = []
+        self._history_ranks = []
+        self._ready = False
+
+    def get_config(self):
+        return {
+            "total_steps": self.total_steps,
+            "b0": self.b0,
+            "warmup_steps": self.warmup_steps,
+            "final_steps": self.final_steps,
+            "interval": self.interval,
+            "verbose": self.verbose,
+        }
+
+    # The schedule -------------------------------------------------------------------
+    def budget(self, step):
+        """`b(step)`: the number of moves at `step` (0 when none is due)."""
+        return budget_schedule(
+            step,
+            b0=self.b0,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            final_steps=self.final_steps,
+            interval=self.interval,
+        )
+
+    def _due_steps(self, after, upto):
+        """Reallocation steps `t` with `after < t <= upto` and `b(t) > 0`."""
+        k = max(1, (after - self.warmup_steps) // self.interval + 1)
+        t = self.warmup_steps + k * self.interval
+        while t <= upto and self.budget(t) > 0:
+            yield t
+            t += self.interval
+
+    # Callback hooks ------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        adapters = find_flexlora_adapters(self.model)
+        if not adapters:
+            raise ValueError(
+                f"FlexLoRAScheduler found no FlexLoRA adapter in model "
+                f"{self.model.name!r}. Apply them first: "
+                "`apply_adapters(model, FlexLoRA(rank=...))`."
+            )
+        if len(adapters) < 2:
+            raise ValueError(
+                "FlexLoRAScheduler moves rank between layers, but model "
+                f"{self.model.name!r} has a single FlexLoRA adapter "
+                f"('{adapters[0].path}'). Target at least two layers."
+            )
+        self._adapters = adapters
+        self._ready = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_moves = 0
+        if not self._ready:
+            self._start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._ready:  # fit without on_epoch_begin (should not happen)
+            self._start()
+        if batch <= self._last_batch:
+            self._batches += batch + 1
+        else:
+            self._batches += batch - self._last_batch
+        self._last_batch = batch
+        moves = 0
+        # `iterations` grows by at most one per batch: read it (and sync the
+        # JAX state) only when a reallocation may be due.
+        if self._next_due <= self._clock + self._batches:
+            self._sync()
+            now = self._iterations()
+            self._clock, self._batches = now, 0
+            moves = self._advance(now)
+        self._epoch_moves += moves
+        if logs is not None:
+            logs.update(self._rank_logs(moves))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._rank_logs(self._epoch_moves))
+        if self.verbose:
+            r = self._ranks
+            print(
+                f"FlexLoRA: total rank {int(r.sum())}, min {int(r.min())}, max "
+                f"{int(r.max())}, {self._epoch_moves} moves this epoch"
+            )
+
+    # Internals ------------------------------------------------------------------------
+    def _sync(self):
+        sync = getattr(self.model, "jax_state_sync", None)
+        if callable(sync):  # JAX keeps the state outside the variables during fit
+            sync()
+
+    def _iterations(self):
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _start(self):
+        self._sync()
+        self._ranks = np.array([a.rank() for a in self._adapters])
+        processed = min(int(ops.convert_to_numpy(a.flex_step)) for a in self._adapters)
+        self._processed = processed
+        now = self._iterations()
+        self._clock, self._batches, self._last_batch = now, 0, -1
+        self._record(now)
+        self._ready = True
+        self._next_due = self._next_due_after(processed)
+        if self._next_due <= now:  # due before the checkpoint we resumed from
+            self._advance(now)
+
+    def _next_due_after(self, step):
+        return next(iter(self._due_steps(step, self.total_steps)), float("inf"))
+
+    def _advance(self, now):
+        """Process every due reallocation step up to `now`; return the moves."""
+        moves = 0
+        due = list(self._due_steps(self._processed, now))
+        for t in due:
+            moves += self._reallocate(t, self.budget(t))
+        if due:
+            for adapter in self._adapters:
+                adapter.flex_step.assign(now)
+            self._processed = now
+        self._next_due = self._next_due_after(max(self._processed, now))
+        return moves
+
+    def _reallocate(self, step, budget):
+        adapters = self._adapters
+        importance = np.array([a.importance() for a in adapters])
+        ranks = np.array([a.rank() for a in adapters])
+        capacity = np.array([a.max_rank for a in adapters])
+        b = min(budget, len(adapters) // 2)
+        order = sorted(range(len(adapters)), key=lambda i: (importance[i], i))
+        prune = [i for i in order if ranks[i] > 1][:b]
+        expand = [i for i in reversed(order) if ranks[i] < capacity[i] and i not in prune]
+        expand = sorted(expand, key=lambda i: (-importance[i], i))[:b]
+        components = []
+        moved = []
+        for p, e in zip(prune, expand):
+            if not importance[e] > importance[p]:
+                break
+            i_p = adapters[p].prune_component()
+            i_e = adapters[e].expand_component()
+            components += self._components(adapters[p], i_p) + self._components(adapters[e], i_e)
+            ranks[p] -= 1
+            ranks[e] += 1
+            moved.append((p, e))
+        if components:
+            reset_optimizer_slots(self.model.optimizer, components)
+        self._ranks = ranks
+        self._record(step)
+        if self.verbose > 1 and moved:
+            pairs = ", ".join(f"{adapters[p].path} -> {adapters[e].path}" for p, e in moved)
+            print(f"FlexLoRA step {step}: moved {len(moved)} (budget {budget}): {pairs}")
+        return len(moved)
+
+    @staticmethod
+    def _components(adapter, index):
+        return [
+            (adapter.flex_a, 1, index),
+            (adapter.flex_lambda, 0, index),
+            (adapter.flex_b, 0, index),
+        ]
+
+    def _record(self, step):
+        self._history_steps.append(int(step))
+        self._history_ranks.append(self._ranks.copy())
+
+    def _rank_logs(self, moves):
+        r = self._ranks
+        return {
+            "flexlora/total_rank": int(r.sum()),
+            "flexlora/min_rank": int(r.min()),
+            "flexlora/max_rank": int(r.max()),
+            "flexlora/moves": int(moves),
+        }
+
+    # Results ----------------------------------------------------------------------------
+    @property
+    def layer_names(self):
+        """Paths of the adapted layers, in the order of the history columns."""
+        return [a.path for a in self._adapters]
+
+    def rank_history(self):
+        """The active rank of every layer over time, for a heatmap (paper Fig. 2).
+
+        One row at the start of each `fit` and one after every reallocation
+        step this callback processed.
+
+        Returns:
+            A dict with `steps` (int array `(n,)`), `ranks` (int array
+            `(n, layers)`) and `layers` (the layer paths).
+        """
+        width = len(self._adapters)
+        ranks = np.array(self._history_ranks, dtype="int64").reshape(-1, width)
+        return {
+            "steps": np.array(self._history_steps, dtype="int64"),
+            "ranks": ranks,
+            "layers": self.layer_names,
+        }
+
+    @property
+    def rank_pattern(self):
+        """`{layer path: active rank}`, read from the model's adapters."""
+        if self.model is None:
+            raise ValueError(
+                "This FlexLoRAScheduler has no model yet; pass it to `fit` first "
+                "(or use `keras_adaptive_lora.adapters.flexlora.rank_pattern(model)`)."
+            )
+        self._sync()
+        return rank_pattern(self.model)
+
+
+__all__ = ["FlexLoRAScheduler", "reset_optimizer_slots"]
