@@ -12,8 +12,34 @@ from keras_adaptive_lora.adapters import (
     kernel_view,
 )
 from keras_adaptive_lora.surgery import AdapterReport, apply_adapters, find_adapters, merge_adapters
+from keras_adaptive_lora.adapters.sinc import SincLoRA, SincLoRAAdapter
+from keras_adaptive_lora.diagnostics import update_stable_ranks
+from keras_adaptive_lora.spectral import stable_rank
+from keras_adaptive_lora.adapters.stable_rank import (
+    RankPlan,
+    StableRankLoRA,
+    StableRankLoRAAdapter,
+    allocate_ranks,
+    plan_ranks,
+)
+
+from keras_adaptive_lora.adapters.flexlora import (
+    FlexLoRA,
+    FlexLoRAAdapter,
+    budget_schedule,
+    spectral_entropy_importance,
+)
+from keras_adaptive_lora.callbacks import FlexLoRAScheduler
 
 __all__ = [
+    "FlexLoRA",
+    "FlexLoRAAdapter",
+    "FlexLoRAScheduler",
+    "budget_schedule",
+    "spectral_entropy_importance",
+    "SincLoRA",
+    "SincLoRAAdapter",
+    "update_stable_ranks",
     "AdapterLayer",
     "AdapterMethod",
     "AdapterReport",
@@ -25,4 +51,10 @@ __all__ = [
     "merge_adapters",
     "kernel_matrix",
     "kernel_view",
+    "RankPlan",
+    "StableRankLoRA",
+    "StableRankLoRAAdapter",
+    "allocate_ranks",
+    "plan_ranks",
+    "stable_rank",
 ]
