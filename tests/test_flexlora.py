@@ -336,7 +336,7 @@ def test_argument_errors():
         FlexLoRA(rank=4, max_rank=2)
     with pytest.raises(ValueError, match="orth_reg_weight"):
         FlexLoRA(orth_reg_weight=-0.1)
-    with pytest.raises(ValueError, match="`seed` must be a non-negative integer"):
+    with pytest.raises(ValueError, match="`seed` must be None or a non-negative integer"):
         FlexLoRA(seed=-3)
     with pytest.raises(ValueError, match=r"max_rank=12 is out of range"):
         FlexLoRAAdapter(dense(), rank=2, max_rank=12)

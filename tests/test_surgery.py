@@ -1,6 +1,5 @@
 """Model surgery on keras-hub backbones, task models and plain Keras models."""
 
-import os
 
 import keras
 import keras_hub

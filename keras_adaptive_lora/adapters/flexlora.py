@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, kernel_view
-from keras_adaptive_lora.adapters.lora import check_alpha, check_positive_int, check_rank, lora_scale
+from keras_adaptive_lora.adapters.lora import check_alpha, check_positive_int, check_rank, check_seed, lora_scale
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
 #: Standard deviation of the Gaussian init of `A`, `B` and of expanded slots.
@@ -144,14 +144,6 @@ def _check_weight(value):
     return float(value)
 
 
-def _check_seed(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
-    return int(seed)
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class FlexLoRAAdapter(AdapterLayer):
     """A frozen projection plus `s · A diag(λ ⊙ m) B` with a movable rank.
@@ -190,7 +182,7 @@ class FlexLoRAAdapter(AdapterLayer):
         self.max_rank = _check_max_rank(layer, self.initial_rank, max_rank)
         self.alpha = check_alpha(alpha) if alpha is not None else float(rank)
         self.orth_reg_weight = _check_weight(orth_reg_weight)
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         self.seed = seed if seed is not None else random.randint(0, 2**31 - 1)
         super().__init__(layer, **kwargs)
 
@@ -405,7 +397,7 @@ class FlexLoRA(AdapterMethod):
             )
         self.alpha = check_alpha(alpha)
         self.orth_reg_weight = _check_weight(orth_reg_weight)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
 
     def wrap(self, layer, seed=None):
         return FlexLoRAAdapter(

@@ -50,6 +50,15 @@ def check_dropout(dropout):
     return float(dropout)
 
 
+def check_seed(seed):
+    """`None` or a non-negative integer."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"`seed` must be None or a non-negative integer, got {seed!r}.")
+    return int(seed)
+
+
 def lora_scale(alpha, rank, rslora=False):
     """The LoRA scaling: `alpha / r`, or `alpha / sqrt(r)` for rsLoRA."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank

@@ -18,7 +18,6 @@ Decisions (see also the README):
 """
 
 import math
-import numbers
 from fractions import Fraction
 
 import keras
@@ -31,18 +30,11 @@ from keras_adaptive_lora.adapters.lora import (
     check_alpha,
     check_dropout,
     check_positive_int,
+    check_seed,
 )
 from keras_adaptive_lora.spectral import stable_rank
 from keras_adaptive_lora.surgery import match_targets
 from keras_adaptive_lora.targets import role_targets
-
-
-def _check_seed(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be None or a non-negative integer, got {seed!r}.")
-    return int(seed)
 
 
 def _check_bool(name, value):
@@ -177,7 +169,7 @@ class StableRankLoRAAdapter(LoRAAdapter):
         **kwargs,
     ):
         self.spu = _check_bool("spu", spu)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.base_stable_rank = None if base_stable_rank is None else float(base_stable_rank)
         super().__init__(layer, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, **kwargs)
 
@@ -275,7 +267,7 @@ class StableRankLoRA(AdapterMethod):
         self.spu = _check_bool("spu", spu)
         self.max_rank = None if max_rank is None else check_positive_int("max_rank", max_rank)
         self.budget = None if budget is None else check_positive_int("budget", budget)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.dropout = check_dropout(dropout)
         self.rslora = _check_bool("rslora", rslora)
 
