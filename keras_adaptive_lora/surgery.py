@@ -17,8 +17,8 @@ from keras_adaptive_lora.targets import detect_architecture
 
 PROJECTION_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-# Attributes that are the tracker's own bookkeeping, handled separately.
-_INTERNAL_LISTS = ("_layers", "_operations")
+# Functional graph bookkeeping, handled by `_replace_in_functional`.
+_INTERNAL_LISTS = ("_operations",)
 
 
 # --------------------------------------------------------------------------
@@ -78,9 +78,11 @@ def _replace_in_functional(function, old, new):
     """
     if not hasattr(function, "_nodes_by_depth"):
         return
-    function._operations = [new if op is old else op for op in function._operations]
-    for depth, ops in list(getattr(function, "_operations_by_depth", {}).items()):
-        function._operations_by_depth[depth] = [new if op is old else op for op in ops]
+    # In place: reassigning these attributes would re-track them.
+    for ops in [function._operations, *getattr(function, "_operations_by_depth", {}).values()]:
+        for i, op in enumerate(ops):
+            if op is old:
+                ops[i] = new
     for node in getattr(old, "_inbound_nodes", []):
         node.operation = new
         for tensor in node.outputs:
@@ -101,11 +103,21 @@ def _replace_in_functional(function, old, new):
 
 
 def swap_layer(parent, old, new):
-    """Make `parent` use `new` wherever it used `old`, in place."""
+    """Make `parent` use `new` wherever it used `old`, in place.
+
+    The tracker's layer store is updated first, in place, so the order of
+    sublayers (and of their variables) is kept.
+    """
     tracker = getattr(parent, "_tracker", None)
     if tracker is not None:
         tracker.unlock()
     try:
+        if tracker is not None and tracker.is_in_store("layers", old):
+            if tracker.is_in_store("layers", new):
+                tracker.config["layers"][1].remove(old)
+                tracker.stored_ids["layers"].discard(id(old))
+            else:
+                tracker.replace_tracked_value("layers", old, new)
         attrs = dict(vars(parent))
         attrs.update(getattr(parent, "_modules", {}) or {})
         for attr, value in attrs.items():
@@ -121,21 +133,19 @@ def swap_layer(parent, old, new):
                 for key, v in list(value.items()):
                     if v is old:
                         value[key] = new
-        if tracker is not None and tracker.is_in_store("layers", old):
-            if tracker.is_in_store("layers", new):
-                tracker.config["layers"][1].remove(old)
-                tracker.stored_ids["layers"].discard(id(old))
-            else:
-                tracker.replace_tracked_value("layers", old, new)
         _replace_in_functional(parent, old, new)
         functional = getattr(parent, "_functional", None)
         if functional is not None:  # a built Sequential model
-            _replace_in_functional(functional, old, new)
             tracked = getattr(functional, "_tracker", None)
-            if tracked is not None and tracked.is_in_store("layers", old):
+            if tracked is not None:
                 tracked.unlock()
-                tracked.replace_tracked_value("layers", old, new)
-                tracked.lock()
+            try:
+                _replace_in_functional(functional, old, new)
+                if tracked is not None and tracked.is_in_store("layers", old):
+                    tracked.replace_tracked_value("layers", old, new)
+            finally:
+                if tracked is not None:
+                    tracked.lock()
     finally:
         if tracker is not None:
             tracker.lock()
@@ -406,7 +416,8 @@ def apply_adapters(model, method, targets=None, train_also=()):
         swap_layer(parent, layer, adapter)
     _reset_compiled_functions(model)
     adapters = [adapter for _, _, adapter in wrapped]
-    keep = {id(v) for a in adapters for v in a.trainable_weights}
+    # Adapters from earlier calls stay trainable too.
+    keep = {id(v) for a in find_adapters(model) for v in a.trainable_weights}
     keep |= {id(v) for layer in train_also_layers for v in layer.weights if v.trainable}
     for variable in model.weights:
         if id(variable) not in keep and variable.trainable:

@@ -149,7 +149,7 @@ def test_plain_models_fit_merge_and_weights_file(kind, tmp_path):
         assert changed == (v.path in adapter_paths | head_paths), v.path
 
     y1 = to_numpy(model(x))
-    kal.merge_adapters(model)
+    assert kal.merge_adapters(model) == expected
     assert not any(isinstance(layer, kal.AdapterLayer) for layer in model._flatten_layers())
     np.testing.assert_allclose(to_numpy(model(x)), y1, rtol=1e-5, atol=1e-5)
     path = str(tmp_path / "merged.weights.h5")
@@ -287,3 +287,24 @@ def test_plain_models_names_and_regex_targets():
     report = kal.apply_adapters(sub, kal.LoRA(rank=2), targets=[r".*block_\d"])
     assert [r["path"].rsplit("/", 1)[-1] for r in report.rows] == ["block_0", "block_1"]
     assert [type(b).__name__ for b in sub.blocks] == ["LoRAAdapter", "LoRAAdapter"]
+
+
+def test_second_apply_on_other_layers_keeps_first_adapters_trainable():
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, name="up"), keras.layers.Dense(4, name="down")]
+    )
+    x = np.random.default_rng(5).normal(size=(3, 4)).astype("float32")
+    y0 = to_numpy(model(x))
+    kal.apply_adapters(model, kal.LoRA(rank=2), targets=["up"])
+    report = kal.apply_adapters(model, kal.LoRA(rank=2), targets=["down"])
+    assert len(report) == 1
+    adapters = kal.find_adapters(model)
+    assert [a.name for a in adapters] == ["up", "down"]
+    assert {v.path for v in model.trainable_weights} == {
+        v.path for a in adapters for v in a.trainable_weights
+    }
+    np.testing.assert_allclose(to_numpy(model(x)), y0, atol=1e-6)
+    randomize_adapters(model)
+    y1 = to_numpy(model(x))
+    assert kal.merge_adapters(model) == 2
+    np.testing.assert_allclose(to_numpy(model(x)), y1, rtol=1e-5, atol=1e-5)
