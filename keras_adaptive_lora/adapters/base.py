@@ -110,18 +110,21 @@ class KernelView:
         mid = "".join(c for c in lhs if c == "." or c in out)
         self.down_equation = f"{lhs},{in_letters}{z}->{mid}{z}"
         self.up_equation = f"{mid}{z},{z}{out_letters}->{out}"
+        # Plain matmuls where the einsum is one (faster than einsum on torch).
+        self._down_is_matmul = mid + in_letters == lhs and len(in_letters) == 1
+        self._up_is_matmul = mid + out_letters == out and len(out_letters) == 1
 
     # Factored products -----------------------------------------------------
     def down(self, x, a):
         """`x` (layer input) times `a` of shape `(d_in, r)`."""
-        if self.equation is None:
+        if self.equation is None or self._down_is_matmul:
             return ops.matmul(x, a)
         a = ops.reshape(a, self.in_dims + (a.shape[-1],))
         return ops.einsum(self.down_equation, x, a)
 
     def up(self, h, b):
         """`h` (output of `down`) times `b` of shape `(r, d_out)`."""
-        if self.equation is None:
+        if self.equation is None or self._up_is_matmul:
             return ops.matmul(h, b)
         b = ops.reshape(b, (b.shape[0],) + self.out_dims)
         return ops.einsum(self.up_equation, h, b)
