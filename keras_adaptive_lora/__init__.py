@@ -30,8 +30,13 @@ from keras_adaptive_lora.adapters.flexlora import (
     spectral_entropy_importance,
 )
 from keras_adaptive_lora.callbacks import FlexLoRAScheduler
+from keras_adaptive_lora.io import export_merged, load_adapters, save_adapters, save_merged
 
 __all__ = [
+    "export_merged",
+    "load_adapters",
+    "save_adapters",
+    "save_merged",
     "FlexLoRA",
     "FlexLoRAAdapter",
     "FlexLoRAScheduler",

@@ -1,4 +1,7 @@
-"""Command line: `keras-adaptive-lora demo` (the main job for now).
+"""Command line: `keras-adaptive-lora demo` (the main job for now) and
+`keras-adaptive-lora export MODEL.keras OUT_DIR` (a TensorFlow SavedModel of a
+`.keras` file, e.g. one written by `save_merged` under torch or jax; run it
+with `KERAS_BACKEND=tensorflow`).
 
 The demo builds a tiny keras-hub Gemma causal LM from config (no download),
 puts LoRA on its query and value projections, fits a few steps on a
@@ -64,6 +67,26 @@ def _demo(args):
     return 0
 
 
+def _export(args):
+    import keras
+    import keras_hub  # noqa: F401  (registers keras-hub classes for loading)
+
+    import keras_adaptive_lora as kal
+
+    if keras.backend.backend() != "tensorflow":
+        print(
+            f"export needs KERAS_BACKEND=tensorflow (this process runs "
+            f"{keras.backend.backend()!r}); run: KERAS_BACKEND=tensorflow python -m "
+            f"keras_adaptive_lora.cli export {args.model} {args.out_dir}",
+            file=sys.stderr,
+        )
+        return 2
+    model = keras.saving.load_model(args.model, compile=False)
+    kal.export_merged(model, args.out_dir)
+    print(f"wrote TensorFlow SavedModel {args.out_dir} (endpoint 'serve') from {args.model}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-adaptive-lora",
@@ -76,6 +99,13 @@ def build_parser():
     demo.add_argument("--learning-rate", type=float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    export = sub.add_parser(
+        "export",
+        help="write a TensorFlow SavedModel of a .keras file (KERAS_BACKEND=tensorflow)",
+    )
+    export.add_argument("model", help="a .keras file, e.g. from keras_adaptive_lora.save_merged")
+    export.add_argument("out_dir", help="the SavedModel directory to write")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -7,6 +7,7 @@ of layers, the parent's layer tracker and, for functional models, the nodes of
 the graph.
 """
 
+import json
 import re
 
 import keras
@@ -411,18 +412,50 @@ def apply_adapters(model, method, targets=None, train_also=()):
     sites = match_targets(model, method, targets, train_also)
     # Wrap all first (errors leave the model untouched), then swap.
     adapters = method.wrap_all([layer for _, layer in sites])
-    wrapped = [(parent, layer, adapter) for (parent, layer), adapter in zip(sites, adapters)]
-    for parent, layer, adapter in wrapped:
+    spec = method_spec(method, _resolve_targets(model, method, targets))
+    for adapter in adapters:
+        adapter.method_spec = spec
+    keep = [v for layer in train_also_layers for v in layer.weights if v.trainable]
+    install_adapters(
+        model,
+        [(parent, layer, adapter) for (parent, layer), adapter in zip(sites, adapters)],
+        keep_trainable=keep,
+    )
+    return build_report(model, method, adapters, train_also_layers)
+
+
+def method_spec(method, targets):
+    """A JSON string describing a method spec and its resolved targets (kept
+    on each adapter as `adapter.method_spec`, written by `save_adapters`)."""
+    return json.dumps(
+        {
+            "class_name": type(method).__name__,
+            "config": method.get_config(),
+            "targets": targets,
+        },
+        sort_keys=True,
+    )
+
+
+def install_adapters(model, swaps, keep_trainable=()):
+    """Swap adapters into `model` and freeze it as `apply_adapters` does.
+
+    Args:
+        model: the model (its compiled functions are reset).
+        swaps: `(parent, layer, adapter)` triples; `adapter` replaces `layer`
+            in `parent`.
+        keep_trainable: variables (besides the trainable variables of every
+            adapter in the model, earlier ones included) that stay trainable;
+            every other variable of `model` is frozen.
+    """
+    for parent, layer, adapter in swaps:
         swap_layer(parent, layer, adapter)
     _reset_compiled_functions(model)
-    adapters = [adapter for _, _, adapter in wrapped]
-    # Adapters from earlier calls stay trainable too.
     keep = {id(v) for a in find_adapters(model) for v in a.trainable_weights}
-    keep |= {id(v) for layer in train_also_layers for v in layer.weights if v.trainable}
+    keep |= {id(v) for v in keep_trainable}
     for variable in model.weights:
         if id(variable) not in keep and variable.trainable:
             variable.trainable = False
-    return build_report(model, method, adapters, train_also_layers)
 
 
 def merge_adapters(model):

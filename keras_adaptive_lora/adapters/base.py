@@ -356,6 +356,30 @@ class AdapterLayer(keras.layers.Layer):
         layer = keras.saving.deserialize_keras_object(config.pop("layer"))
         return cls(layer, **config)
 
+    # Saving -------------------------------------------------------------------------
+    def save_assets(self, dir_path):
+        """Refuse whole-model saving (`model.save("x.keras")`).
+
+        Keras calls `save_assets` only when it saves a whole model (config +
+        weights), never for weights-only files (`save_weights`,
+        `ModelCheckpoint(save_weights_only=True)`, `BackupAndRestore`), which
+        keep working. A `.keras` file would store a config without adapters
+        (keras-hub `Backbone.get_config` knows nothing of them), so a reload
+        would silently rebuild plain layers: raise instead.
+        """
+        raise ValueError(
+            f"Layer '{self.path}' has an unmerged {type(self).__name__}; a "
+            "whole-model `.keras` file cannot hold adapters (the model's config "
+            "knows nothing of them, so a reload would silently rebuild plain "
+            "layers). Either merge first (`keras_adaptive_lora.merge_adapters"
+            "(model)`, then `model.save(...)`), or save the adapters alone with "
+            "`keras_adaptive_lora.save_adapters(model, path)` and re-apply them "
+            "with `load_adapters` on the base model. Weights-only checkpoints "
+            "(`model.save_weights`, `ModelCheckpoint(save_weights_only=True)`) "
+            "work with adapters in place. The file written so far is incomplete: "
+            "delete it."
+        )
+
     # Introspection ----------------------------------------------------------------
     def rank(self):
         """The number of rank components in use (for reports).
