@@ -11,10 +11,13 @@ from keras_adaptive_lora.adapters import (
     kernel_matrix,
     kernel_view,
 )
-from keras_adaptive_lora.surgery import AdapterReport, apply_adapters, find_adapters, merge_adapters
+from keras_adaptive_lora.adapters.flexlora import (
+    FlexLoRA,
+    FlexLoRAAdapter,
+    budget_schedule,
+    spectral_entropy_importance,
+)
 from keras_adaptive_lora.adapters.sinc import SincLoRA, SincLoRAAdapter
-from keras_adaptive_lora.diagnostics import update_stable_ranks
-from keras_adaptive_lora.spectral import stable_rank
 from keras_adaptive_lora.adapters.stable_rank import (
     RankPlan,
     StableRankLoRA,
@@ -22,44 +25,46 @@ from keras_adaptive_lora.adapters.stable_rank import (
     allocate_ranks,
     plan_ranks,
 )
-
-from keras_adaptive_lora.adapters.flexlora import (
-    FlexLoRA,
-    FlexLoRAAdapter,
-    budget_schedule,
-    spectral_entropy_importance,
-)
 from keras_adaptive_lora.callbacks import FlexLoRAScheduler
+from keras_adaptive_lora.diagnostics import update_stable_ranks
 from keras_adaptive_lora.io import export_merged, load_adapters, save_adapters, save_merged
+from keras_adaptive_lora.spectral import stable_rank
+from keras_adaptive_lora.surgery import AdapterReport, apply_adapters, find_adapters, merge_adapters
 
 __all__ = [
+    # Method specs and their layers
+    "LoRA",
+    "LoRAAdapter",
+    "StableRankLoRA",
+    "StableRankLoRAAdapter",
+    "FlexLoRA",
+    "FlexLoRAAdapter",
+    "SincLoRA",
+    "SincLoRAAdapter",
+    # Core
+    "AdapterLayer",
+    "AdapterMethod",
+    "KernelView",
+    "kernel_matrix",
+    "kernel_view",
+    # Surgery
+    "AdapterReport",
+    "apply_adapters",
+    "find_adapters",
+    "merge_adapters",
+    # SR-LoRA planning and spectra
+    "RankPlan",
+    "allocate_ranks",
+    "plan_ranks",
+    "stable_rank",
+    "update_stable_ranks",
+    # FlexLoRA schedule
+    "FlexLoRAScheduler",
+    "budget_schedule",
+    "spectral_entropy_importance",
+    # Persistence
     "export_merged",
     "load_adapters",
     "save_adapters",
     "save_merged",
-    "FlexLoRA",
-    "FlexLoRAAdapter",
-    "FlexLoRAScheduler",
-    "budget_schedule",
-    "spectral_entropy_importance",
-    "SincLoRA",
-    "SincLoRAAdapter",
-    "update_stable_ranks",
-    "AdapterLayer",
-    "AdapterMethod",
-    "AdapterReport",
-    "KernelView",
-    "LoRA",
-    "LoRAAdapter",
-    "apply_adapters",
-    "find_adapters",
-    "merge_adapters",
-    "kernel_matrix",
-    "kernel_view",
-    "RankPlan",
-    "StableRankLoRA",
-    "StableRankLoRAAdapter",
-    "allocate_ranks",
-    "plan_ranks",
-    "stable_rank",
 ]
