@@ -110,22 +110,32 @@ class KernelView:
         mid = "".join(c for c in lhs if c == "." or c in out)
         self.down_equation = f"{lhs},{in_letters}{z}->{mid}{z}"
         self.up_equation = f"{mid}{z},{z}{out_letters}->{out}"
-        # Plain matmuls where the einsum is one (faster than einsum on torch).
-        self._down_is_matmul = mid + in_letters == lhs and len(in_letters) == 1
-        self._up_is_matmul = mid + out_letters == out and len(out_letters) == 1
+        # Plain matmuls (plus reshapes of trailing axes) where the einsum is
+        # one: true for every keras-hub projection, and faster on torch.
+        self._down_is_matmul = mid + in_letters == lhs
+        self._up_is_matmul = mid + out_letters == out
 
     # Factored products -----------------------------------------------------
     def down(self, x, a):
         """`x` (layer input) times `a` of shape `(d_in, r)`."""
-        if self.equation is None or self._down_is_matmul:
+        if self.equation is None:
+            return ops.matmul(x, a)
+        if self._down_is_matmul:
+            if len(self.in_axes) > 1:
+                x = ops.reshape(x, tuple(ops.shape(x)[: -len(self.in_axes)]) + (self.d_in,))
             return ops.matmul(x, a)
         a = ops.reshape(a, self.in_dims + (a.shape[-1],))
         return ops.einsum(self.down_equation, x, a)
 
     def up(self, h, b):
         """`h` (output of `down`) times `b` of shape `(r, d_out)`."""
-        if self.equation is None or self._up_is_matmul:
+        if self.equation is None:
             return ops.matmul(h, b)
+        if self._up_is_matmul:
+            y = ops.matmul(h, b)
+            if len(self.out_axes) > 1:
+                y = ops.reshape(y, tuple(ops.shape(h)[:-1]) + self.out_dims)
+            return y
         b = ops.reshape(b, (b.shape[0],) + self.out_dims)
         return ops.einsum(self.up_equation, h, b)
 
