@@ -32,7 +32,11 @@ Each (backend, variant) runs in a fresh subprocess. What is measured:
   also compiles on jax / tensorflow).
 
 Usage: `python benchmarks/bench_sinc_memory.py [--backends jax torch]
-[--batch 4 --seq 128 --rank 8 --grid-size 50 --steps 2]`. CPU-only runs take
+[--variants lora sinc naive] [--batch 4 --seq 128 --rank 8 --grid-size 50
+--steps 2] [--plain-malloc]`. `--plain-malloc` drops the allocator settings
+above: use it for step times (serving every allocation with a fresh mmap
+costs a page fault per 4 KiB, which slows torch eager, one allocation per op,
+several-fold), not for the memory columns. CPU-only runs take
 a few minutes: every step evaluates `grid_size` sinc terms per kernel entry.
 """
 
@@ -174,13 +178,15 @@ def worker(args):
 
 def run_all(args):
     rows = []
-    env_base = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env_base = dict(os.environ)
+    if not args.plain_malloc:
+        env_base.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     common = [
         f"--{k.replace('_', '-')}={getattr(args, k)}"
         for k in ("batch", "seq", "hidden", "intermediate", "rank", "grid_size", "steps")
     ]
     for backend in args.backends:
-        for variant in VARIANTS:
+        for variant in args.variants:
             env = dict(env_base, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             cmd = [sys.executable, __file__, "--worker", f"--variant={variant}", *common]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -230,6 +236,14 @@ def main():
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--grid-size", type=int, default=50)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--plain-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings: step times without the "
+        "mmap-every-allocation cost (which slows torch eager, many allocations, "
+        "several-fold); the memory columns are then allocator-dependent",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -560,3 +560,17 @@ def test_rank_too_large_and_unsupported_equation_raise():
     layer.build((2, 3, 5))
     with pytest.raises(ValueError, match=r"sums over input axes \['b'\]"):
         SincLoRAAdapter(layer, rank=1)
+
+
+@pytest.mark.parametrize("block_elements", [7, 24])
+def test_row_blocks_give_the_same_values_and_gradients(monkeypatch, block_elements):
+    # The elementwise work runs on row blocks of about `_BLOCK_ELEMENTS`
+    # entries; the tests above use one block. Here: one row per block, and
+    # blocks of a few rows (ragged on torch/tensorflow, a divisor on jax).
+    from keras_adaptive_lora.adapters import sinc as sinc_module
+
+    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", block_elements)
+    test_transfer_value_matches_numpy()
+    test_transfer_gradients_match_finite_differences()
+    test_adapter_forward_and_gradients_match_numpy()
+    test_dense_adapter_on_3d_input_matches_numpy_gradients()
