@@ -472,12 +472,6 @@ def export_merged(model, path, **export_kwargs):
             "'merged.keras')`, then run `KERAS_BACKEND=tensorflow python -m "
             "keras_adaptive_lora.cli export merged.keras OUT_DIR`."
         )
-    try:
-        import tensorflow  # noqa: F401  (model.export needs it)
-    except ImportError:
-        raise ValueError(
-            "export_merged needs tensorflow installed (`pip install tensorflow`)."
-        ) from None
     with _TemporarilyMerged(model):
         model.export(path, format="tf_saved_model", verbose=False, **export_kwargs)
     return path
