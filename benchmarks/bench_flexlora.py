@@ -15,11 +15,9 @@ Usage:
     python benchmarks/bench_flexlora.py --backends jax   # one backend
 """
 
-import argparse
-import json
-import os
-import subprocess
 import sys
+
+from _runner import run_per_backend
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -111,40 +109,19 @@ print(json.dumps({
 """
 
 
+def format_result(r):
+    return (
+        f"{r['backend']:>10}: FlexLoRA {r['ms_flexlora']:.1f} ms/step, LoRA "
+        f"{r['ms_lora']:.1f} ms/step, ratio = {r['ratio']:.2f} (target <= 1.10); "
+        f"fit {r['ms_fit_plain']:.1f} -> {r['ms_fit_scheduled']:.1f} ms/step with a "
+        f"reallocation every step, one reallocation = {r['realloc_fraction']:.2f} step "
+        f"(target <= 0.5; {r['moves']} moves over {r['adapters']} adapters); timed "
+        f"alone: {r['ms_realloc']:.1f} ms = {r['direct_fraction']:.3f} step"
+    )
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
-    cfg = {k: getattr(args, k) for k in ("hidden", "layers", "seq", "batch", "rank", "rounds", "steps")}
-    print(f"config: {cfg}")
-    status = 0
-    for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            print(f"{backend}: FAILED\n{proc.stderr[-2000:]}")
-            status = 1
-            continue
-        r = json.loads(lines[-1])
-        print(
-            f"{r['backend']:>10}: FlexLoRA {r['ms_flexlora']:.1f} ms/step, LoRA "
-            f"{r['ms_lora']:.1f} ms/step, ratio = {r['ratio']:.2f} (target <= 1.10); "
-            f"fit {r['ms_fit_plain']:.1f} -> {r['ms_fit_scheduled']:.1f} ms/step with a "
-            f"reallocation every step, one reallocation = {r['realloc_fraction']:.2f} step "
-            f"(target <= 0.5; {r['moves']} moves over {r['adapters']} adapters); timed "
-            f"alone: {r['ms_realloc']:.1f} ms = {r['direct_fraction']:.3f} step"
-        )
-    return status
+    return run_per_backend(CHILD, __doc__.splitlines()[0], format_result)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ alone (the adapter's own cost; in the whole model the 8 adapters are a few
 percent of the step, so that ratio sits near 1 within machine noise).
 """
 
-import argparse
-import json
-import os
-import subprocess
 import sys
+
+from _runner import run_per_backend
 
 CHILD = r"""
 import json, os, statistics, sys, time
@@ -97,39 +95,18 @@ print(json.dumps({"backend": keras.backend.backend(), "ms_ours": 1e3 * med["ours
 """
 
 
+def format_result(r):
+    return (
+        f"{r['backend']:>10}: ours {r['ms_ours']:.1f} ms/step, built-in enable_lora "
+        f"{r['ms_builtin']:.1f} ms/step, ratio ours/built-in = {r['ratio']:.2f} "
+        f"(trainable params {r['params_ours']:,} vs {r['params_builtin']:,})\n"
+        f"{'':>10}  one adapted query projection alone: ours {r['layer_ms_ours']:.2f} ms/step, "
+        f"built-in {r['layer_ms_builtin']:.2f} ms/step, ratio = {r['layer_ratio']:.2f}"
+    )
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
-    cfg = {k: getattr(args, k) for k in ("hidden", "layers", "seq", "batch", "rank", "rounds", "steps")}
-    print(f"config: {cfg}")
-    status = 0
-    for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            print(f"{backend}: FAILED\n{proc.stderr[-2000:]}")
-            status = 1
-            continue
-        r = json.loads(lines[-1])
-        print(
-            f"{r['backend']:>10}: ours {r['ms_ours']:.1f} ms/step, built-in enable_lora "
-            f"{r['ms_builtin']:.1f} ms/step, ratio ours/built-in = {r['ratio']:.2f} "
-            f"(trainable params {r['params_ours']:,} vs {r['params_builtin']:,})\n"
-            f"{'':>10}  one adapted query projection alone: ours {r['layer_ms_ours']:.2f} ms/step, "
-            f"built-in {r['layer_ms_builtin']:.2f} ms/step, ratio = {r['layer_ratio']:.2f}"
-        )
-    return status
+    return run_per_backend(CHILD, __doc__.splitlines()[0], format_result)
 
 
 if __name__ == "__main__":
