@@ -49,3 +49,19 @@ def run_per_backend(child, description, format_result):
             continue
         print(format_result(json.loads(lines[-1])))
     return status
+
+
+def report_ratio(benchmark, backend, metric, ratio, target):
+    """Print one machine-readable result line for `benchmarks/run_all.py`.
+
+    Args:
+        benchmark: script name, e.g. "bench_lora_vs_builtin".
+        backend: the Keras backend measured (or "numpy" for backend-free numbers).
+        metric: what the ratio compares, e.g. "step time ours/built-in (whole model)".
+        ratio: the measured ratio (float).
+        target: the issue's target as text, e.g. "<= 1.0", or "" when informative only.
+    """
+    print("RESULT " + json.dumps({
+        "benchmark": benchmark, "backend": backend, "metric": metric,
+        "ratio": float(ratio), "target": target,
+    }), flush=True)
