@@ -1,7 +1,10 @@
-"""Command line: `keras-adaptive-lora demo` (the main job for now) and
+"""Command line: `keras-adaptive-lora demo` (the main job for now),
 `keras-adaptive-lora export MODEL.keras OUT_DIR` (a TensorFlow SavedModel of a
 `.keras` file, e.g. one written by `save_merged` under torch or jax; run it
-with `KERAS_BACKEND=tensorflow`).
+with `KERAS_BACKEND=tensorflow`) and `keras-adaptive-lora inspect SOURCE`
+(per target layer of a keras-hub preset folder, preset name or `.keras` file:
+kernel shape, matrix view, stable rank and a method's rank plan; see
+`keras_adaptive_lora.inspection`).
 
 The demo builds a tiny keras-hub Gemma causal LM from config (no download),
 puts LoRA on its query and value projections, fits a few steps on a
@@ -87,6 +90,31 @@ def _export(args):
     return 0
 
 
+def _inspect(args):
+    from keras_adaptive_lora import inspection
+
+    def progress(done, total, path):
+        print(f"[{done}/{total}] stable rank of {path}", file=sys.stderr, flush=True)
+
+    try:
+        if not args.quiet:
+            print(f"loading {args.source} ...", file=sys.stderr, flush=True)
+        report = inspection.inspect_source(
+            args.source,
+            args.method,
+            rank=args.rank,
+            budget=args.budget,
+            max_rank=args.max_rank,
+            targets="all-linear" if args.targets == ["all-linear"] else args.targets,
+            progress=None if args.quiet else progress,
+        )
+    except ValueError as error:
+        print(f"keras-adaptive-lora inspect: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-adaptive-lora",
@@ -106,6 +134,41 @@ def build_parser():
     export.add_argument("model", help="a .keras file, e.g. from keras_adaptive_lora.save_merged")
     export.add_argument("out_dir", help="the SavedModel directory to write")
     export.set_defaults(func=_export)
+    inspect = sub.add_parser(
+        "inspect",
+        help="per-layer kernel shapes, stable ranks and a method's rank plan",
+        description="Load a keras-hub backbone (a preset folder works offline) or a "
+        ".keras model, match the method's target layers as apply_adapters would, and "
+        "print per layer: path, kernel shape, (d_in x d_out) matrix view, stable rank, "
+        "the rank the method allocates and its adapter parameters, with totals.",
+    )
+    inspect.add_argument(
+        "source",
+        help="a keras-hub preset folder (Backbone.save_to_preset), a .keras file, or a "
+        "keras-hub preset name (downloads)",
+    )
+    inspect.add_argument(
+        "--method", default="lora", choices=["lora", "sr-lora", "flexlora", "sinc"],
+        help="the method whose targets and ranks to show (default: lora)",
+    )
+    inspect.add_argument(
+        "--rank", type=int, default=None,
+        help="rank of lora / sinc, initial rank of flexlora (default: 8)",
+    )
+    inspect.add_argument(
+        "--budget", type=int, default=None,
+        help="sr-lora: total adapter-parameter budget (ranks scaled down to fit)",
+    )
+    inspect.add_argument(
+        "--max-rank", type=int, default=None,
+        help="sr-lora: cap on every rank; flexlora: per-layer capacity R (default 2 x rank)",
+    )
+    inspect.add_argument(
+        "--targets", nargs="+", default=None,
+        help="layer names or path regexes, or all-linear (default: the method's targets)",
+    )
+    inspect.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
