@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` (the main job) and `make test`
+# Two commands do all the set-up: `make demo` (the main job; extra options via
+# `make demo ARGS="--shots 5"`) and `make test`
 # (the whole suite under torch, tensorflow and jax). Both create `.venv` and
 # install into it on first use; later runs skip the install.
 PYTHON ?= python3
@@ -12,18 +13,18 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.demo-installed: pyproject.toml constraints.txt | $(PY)
-	$(PIP) -e ".[tensorflow]"
+$(VENV)/.demo-installed: pyproject.toml constraints.txt Makefile | $(PY)
+	$(PIP) -e ".[tensorflow,plot,data]"
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(PY)
+$(VENV)/.dev-installed: pyproject.toml constraints.txt Makefile | $(PY)
 	$(PIP) -e ".[dev]"
 	touch $@
 
 install-dev: $(VENV)/.dev-installed
 
 demo: $(VENV)/.demo-installed
-	$(VENV)/bin/keras-adaptive-lora demo
+	$(VENV)/bin/keras-adaptive-lora transfer $(ARGS)
 
 test: $(VENV)/.dev-installed
 	@failed=""; \

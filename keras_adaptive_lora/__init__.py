@@ -27,6 +27,7 @@ from keras_adaptive_lora.adapters.stable_rank import (
 )
 from keras_adaptive_lora.callbacks import FlexLoRAScheduler
 from keras_adaptive_lora.diagnostics import update_stable_ranks
+from keras_adaptive_lora.distribution import distribute_adapters, layout_map_for
 from keras_adaptive_lora.io import export_merged, load_adapters, save_adapters, save_merged
 from keras_adaptive_lora.spectral import stable_rank
 from keras_adaptive_lora.surgery import AdapterReport, apply_adapters, find_adapters, merge_adapters
@@ -62,6 +63,9 @@ __all__ = [
     "FlexLoRAScheduler",
     "budget_schedule",
     "spectral_entropy_importance",
+    # Multi-device
+    "distribute_adapters",
+    "layout_map_for",
     # Persistence
     "export_merged",
     "load_adapters",

@@ -1,4 +1,6 @@
-"""Command line: `keras-adaptive-lora demo` (the main job for now),
+"""Command line: `keras-adaptive-lora transfer` (the main job: few-shot ViT
+transfer comparing the methods; see `keras_adaptive_lora.transfer`),
+`keras-adaptive-lora demo` (a one-minute LoRA smoke run on a tiny Gemma),
 `keras-adaptive-lora export MODEL.keras OUT_DIR` (a TensorFlow SavedModel of a
 `.keras` file, e.g. one written by `save_merged` under torch or jax; run it
 with `KERAS_BACKEND=tensorflow`) and `keras-adaptive-lora inspect SOURCE`
@@ -169,6 +171,15 @@ def build_parser():
     )
     inspect.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     inspect.set_defaults(func=_inspect)
+    from keras_adaptive_lora import transfer as transfer_job
+
+    transfer = sub.add_parser(
+        "transfer",
+        help="the main job: few-shot ViT transfer comparing the methods (offline by default)",
+        description=transfer_job.__doc__.strip().splitlines()[0],
+    )
+    transfer_job.add_arguments(transfer)
+    transfer.set_defaults(func=transfer_job.run)
     return parser
 
 
