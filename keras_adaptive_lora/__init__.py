@@ -11,6 +11,7 @@ from keras_adaptive_lora.adapters import (
     kernel_matrix,
     kernel_view,
 )
+from keras_adaptive_lora.adapters.base import dequantized_kernel
 from keras_adaptive_lora.adapters.flexlora import (
     FlexLoRA,
     FlexLoRAAdapter,
@@ -46,6 +47,7 @@ __all__ = [
     "AdapterLayer",
     "AdapterMethod",
     "KernelView",
+    "dequantized_kernel",
     "kernel_matrix",
     "kernel_view",
     # Surgery

@@ -458,15 +458,28 @@ def install_adapters(model, swaps, keep_trainable=()):
             variable.trainable = False
 
 
-def merge_adapters(model):
+def merge_adapters(model, *, quantize=None):
     """Replace every adapter in `model` by its merged plain layer, in place.
 
     Afterwards the model holds plain `Dense`/`EinsumDense` layers again, with
     the same names and weight paths, so the usual saving and export work.
-    Returns the number of adapters merged.
+    Adapters on an int8-quantized base (`model.quantize("int8")`) merge into
+    float layers (dequantized kernel plus update) unless `quantize="int8"`,
+    which re-quantizes each merged layer with Keras's int8 (see
+    `AdapterLayer.merge`).
+
+    Args:
+        model: a model holding adapters.
+        quantize: `None` (float merged layers) or `"int8"` (quantize every
+            merged layer, whether its base was float or int8). Defaults to
+            None.
+
+    Returns:
+        The number of adapters merged.
     """
     sites = [(parent, layer) for parent, layer in walk(model) if isinstance(layer, AdapterLayer)]
-    for parent, adapter in sites:
-        swap_layer(parent, adapter, adapter.merge())
+    merged = [adapter.merge(quantize=quantize) for _, adapter in sites]  # all or nothing
+    for (parent, adapter), layer in zip(sites, merged):
+        swap_layer(parent, adapter, layer)
     _reset_compiled_functions(model)
     return len(sites)

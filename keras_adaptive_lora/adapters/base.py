@@ -11,6 +11,7 @@ diagnostics) and, when they can do better than forming it, `delta_output()`
 """
 
 import abc
+import inspect
 import string
 
 import keras
@@ -156,6 +157,18 @@ class KernelView:
         return ops.transpose(shaped, self.inverse_perm)
 
 
+def _inside_keras_hub_preset_saver():
+    """True when called (indirectly) by keras-hub's preset saver
+    (`Backbone.save_to_preset`, `Task.save_to_preset`)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if frame.f_code.co_name in ("save_backbone", "save_task") and module.startswith("keras_hub"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _is_projection(layer):
     return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
 
@@ -181,10 +194,92 @@ def kernel_view(layer):
 
 
 def kernel_matrix(layer):
-    """The `(d_in, d_out)` matrix view of a layer's (base) kernel, float32."""
+    """The `(d_in, d_out)` matrix view of a layer's (base) kernel, float32.
+
+    For an int8-quantized layer, the matrix view of the dequantized kernel
+    (see `dequantized_kernel`).
+    """
     base = layer.wrapped if isinstance(layer, AdapterLayer) else layer
     view = kernel_view(base)
-    return view.to_matrix(ops.cast(base.kernel, "float32"))
+    return view.to_matrix(dequantized_kernel(base))
+
+
+# --------------------------------------------------------------------------
+# Quantized bases (Keras's own int8)
+# --------------------------------------------------------------------------
+#: Quantization modes of a wrapped layer that adapters support.
+SUPPORTED_QUANTIZATION = ("int8",)
+
+
+def check_quantization(layer):
+    """The layer's quantization mode (`None` or `"int8"`); raise for others.
+
+    Adapters support float layers and layers quantized with Keras's own int8
+    (`model.quantize("int8")`, `layer.quantize("int8")`).
+    """
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None and mode not in SUPPORTED_QUANTIZATION:
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized with mode '{mode}'; adapters "
+            "support float layers and Keras's int8 quantization only "
+            "(`model.quantize(\"int8\")`). Quantize with 'int8', or wrap the "
+            "float layer."
+        )
+    return mode
+
+
+def dequantized_kernel(layer):
+    """A `Dense`/`EinsumDense` kernel in float32, in the kernel's own shape.
+
+    For a float layer, its kernel cast to float32. For a layer quantized with
+    Keras's int8 (`layer.quantize("int8")`), the dequantized kernel
+    `W = kernel / kernel_scale`: Keras stores an int8 `kernel` and a float
+    `kernel_scale` per output feature that maps floats *to* int8
+    (`kernel = round(W * kernel_scale)`, abs-max over the contracted axes),
+    so dequantizing divides. A `Dense` scale has shape `(units,)` and
+    broadcasts over the kernel's last axis; an `EinsumDense` scale is stored
+    in the layout of the layer's output and is brought back to the kernel's
+    layout with the layer's own `_adjust_scale_for_dequant` (what Keras uses
+    for the int8 gradient). Stable ranks (`kernel_matrix`) and `merge` use
+    it; the forward pass never does (the base runs its own int8 kernel).
+
+    Args:
+        layer: a built `Dense`/`EinsumDense`, or an adapter (its wrapped
+            layer is used).
+
+    Returns:
+        A float32 tensor of the kernel's shape.
+    """
+    base = layer.wrapped if isinstance(layer, AdapterLayer) else layer
+    if not _is_projection(base):
+        raise ValueError(
+            f"Layer '{getattr(base, 'name', base)}' is a {type(base).__name__}; "
+            "only keras.layers.Dense and keras.layers.EinsumDense have a kernel "
+            "to dequantize."
+        )
+    mode = check_quantization(base)
+    kernel = ops.cast(base.kernel, "float32")
+    if mode is None:
+        return kernel
+    scale = ops.cast(base.kernel_scale, "float32")
+    if isinstance(base, keras.layers.EinsumDense):
+        scale = base._adjust_scale_for_dequant(scale)
+    return ops.divide(kernel, scale)
+
+
+def _float_policy(layer):
+    """The layer's dtype policy as a plain float policy.
+
+    A quantized layer's policy (`"int8_from_float32"`) would make an adapter
+    or a merged layer quantized too; its source policy is used instead. A
+    `DTypePolicyMap` is resolved at the layer's path.
+    """
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = policy[layer.path]
+    if policy.quantization_mode is not None:
+        policy = keras.DTypePolicy(policy.get_config()["source_name"])
+    return policy
 
 
 # --------------------------------------------------------------------------
@@ -198,6 +293,13 @@ class AdapterLayer(keras.layers.Layer):
     adapter so the update is added before it. Adapter variables are float32
     under any mixed-precision policy; compute runs in the wrapped layer's
     compute dtype.
+
+    The wrapped layer may be quantized with Keras's int8
+    (`model.quantize("int8")`, before or after wrapping): it then runs its
+    own int8 call for `x W` and the update stays a float path; the adapter
+    itself takes the float source policy (e.g. `float32` for
+    `int8_from_float32`). Stable ranks and `merge` use the dequantized kernel
+    (`dequantized_kernel`). Other quantization modes raise a `ValueError`.
 
     Subclasses implement `build_adapter()` (create variables with
     `add_weight`), `delta_kernel()` (the update as a `(d_in, d_out)` matrix,
@@ -238,14 +340,9 @@ class AdapterLayer(keras.layers.Layer):
                 "(`enable_lora`); it cannot also be wrapped by an adapter. Use "
                 "a layer without built-in LoRA."
             )
-        if getattr(layer, "quantization_mode", None) is not None:
-            raise ValueError(
-                f"Layer '{layer.name}' is quantized "
-                f"('{layer.quantization_mode}'); quantized bases are not "
-                "supported yet. Wrap the float layer."
-            )
+        check_quantization(layer)  # float or Keras int8
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs.setdefault("dtype", _float_policy(layer))
         super().__init__(**kwargs)
         self.view = view
         self.wrapped = layer
@@ -286,14 +383,19 @@ class AdapterLayer(keras.layers.Layer):
     def build_adapter(self):
         """Create the adapter's variables (float32). Subclasses define it."""
 
-    def add_adapter_weight(self, name, shape, initializer, trainable=True):
-        """`add_weight` in float32, whatever the dtype policy."""
+    def add_adapter_weight(self, name, shape, initializer, trainable=True, autocast=True):
+        """`add_weight` in float32, whatever the dtype policy.
+
+        With `autocast=False` the variable is read in float32 inside `call`
+        under a mixed-precision policy too (the layer then casts explicitly).
+        """
         return self.add_weight(
             name=name,
             shape=shape,
             initializer=initializer,
             dtype="float32",
             trainable=trainable,
+            autocast=autocast,
         )
 
     # The update ---------------------------------------------------------------
@@ -313,6 +415,8 @@ class AdapterLayer(keras.layers.Layer):
         return self.view.project(inputs, delta)
 
     def call(self, inputs, training=None, **kwargs):
+        # An int8 base runs its own quantized kernel; the update stays float.
+        check_quantization(self.wrapped)  # the base may be quantized after wrapping
         y = self.wrapped(inputs, training=training, **kwargs)
         y = ops.add(y, ops.cast(self.delta_output(inputs, training), y.dtype))
         return self.activation(y)
@@ -322,30 +426,65 @@ class AdapterLayer(keras.layers.Layer):
 
     # Merge ----------------------------------------------------------------------
     def merged_kernel(self):
-        """The wrapped kernel plus the update, in the kernel's shape and dtype."""
-        kernel = self.wrapped.kernel
-        delta = self.view.from_matrix(self.delta_kernel())
-        merged = ops.add(ops.cast(kernel, "float32"), delta)
-        return ops.cast(merged, kernel.dtype)
+        """The wrapped kernel plus the update, in the kernel's shape.
 
-    def merge(self):
+        In the kernel's dtype for a float base; for an int8 base, the
+        dequantized kernel plus the update in the layer's float variable dtype.
+        """
+        base = self.wrapped
+        delta = self.view.from_matrix(self.delta_kernel())
+        merged = ops.add(dequantized_kernel(base), delta)
+        dtype = base.kernel.dtype if base.quantization_mode is None else base.variable_dtype
+        return ops.cast(merged, dtype)
+
+    def merge(self, *, quantize=None):
         """A plain `Dense`/`EinsumDense` with the update folded into its kernel.
 
         Same class, name, config (activation included) and bias as the wrapped
         layer; its outputs equal this adapter's inference outputs. The adapter
         itself is left unchanged.
+
+        On an int8-quantized base the merged layer is a float layer by
+        default: kernel `W_dequantized + ΔW` in the layer's float variable
+        dtype. Its outputs differ from the adapter's by the base's int8
+        rounding of the activations only (the merged layer does not quantize
+        its input). Pass `quantize="int8"` to re-quantize the merged kernel
+        with Keras's own `layer.quantize("int8")` (using the base's
+        quantization config when it had one), for int8 deployment.
+
+        Args:
+            quantize: `None` (a float layer) or `"int8"` (quantize the merged
+                layer, from a float or an int8 base). Defaults to None.
         """
+        if quantize not in (None, *SUPPORTED_QUANTIZATION):
+            raise ValueError(
+                f"Layer '{self.name}': `quantize` must be None (a float merged "
+                f"layer) or 'int8', got {quantize!r}."
+            )
         base = self.wrapped
         config = base.get_config()
         config["activation"] = keras.activations.serialize(self.activation)
-        for key in ("lora_rank", "lora_alpha"):
+        for key in ("lora_rank", "lora_alpha", "quantization_config"):
             config.pop(key, None)
+        if base.quantization_mode is not None:
+            config["dtype"] = keras.dtype_policies.serialize(_float_policy(base))
         merged = type(base).from_config(config)
         merged._parent_path = base._parent_path
         merged.build_from_config(base.get_build_config())
         merged.kernel.assign(self.merged_kernel())
         if base.bias is not None:
             merged.bias.assign(base.bias)
+        if quantize is not None:
+            same_mode = base.quantization_mode == quantize
+            try:
+                merged.quantize(
+                    quantize, config=getattr(base, "quantization_config", None) if same_mode else None
+                )
+            except NotImplementedError as error:
+                raise ValueError(
+                    f"Layer '{self.name}': its {type(base).__name__} cannot be "
+                    f"quantized by Keras ({error}); merge with `quantize=None`."
+                ) from None
         return merged
 
     # Config -----------------------------------------------------------------------
@@ -389,6 +528,54 @@ class AdapterLayer(keras.layers.Layer):
             "work with adapters in place. The file written so far is incomplete: "
             "delete it."
         )
+
+    def _seed_states(self):
+        """State variables of the adapter's own seed generators (SR-LoRA's SPU
+        sampler, an adapter dropout), not the wrapped layer's."""
+        wrapped = {id(layer) for layer in self.wrapped._flatten_layers()}
+        return [
+            generator.state
+            for layer in self._flatten_layers()
+            if id(layer) not in wrapped
+            for generator in layer._seed_generators
+        ]
+
+    def save_own_variables(self, store):
+        """Save the variables plus the seed-generator states (weights files).
+
+        Keras's weights files (`save_weights`, `ModelCheckpoint`,
+        `BackupAndRestore`) store no `SeedGenerator` state, so a resumed run
+        would restart the adapter's random draws: they are stored after the
+        layer's own variables. Refuses to be saved into a keras-hub preset
+        (`save_to_preset`), whose config cannot hold adapters.
+        """
+        if _inside_keras_hub_preset_saver():
+            raise ValueError(
+                f"Layer '{self.path}' has an unmerged {type(self).__name__}; a "
+                "keras-hub preset (`save_to_preset`) cannot hold adapters (its "
+                "config.json knows nothing of them, so `from_preset` would build "
+                "plain layers that do not match the weights file). Either merge "
+                "first (`keras_adaptive_lora.merge_adapters(model)`, then "
+                "`save_to_preset(...)`), or save the adapters alone with "
+                "`keras_adaptive_lora.save_adapters(model, path)` and re-apply "
+                "them with `load_adapters` on `from_preset(base_preset)`. The "
+                "preset folder written so far is incomplete: delete it."
+            )
+        super().save_own_variables(store)
+        offset = len(self._trainable_variables) + len(self._non_trainable_variables)
+        for i, state in enumerate(self._seed_states()):
+            store[f"{offset + i}"] = state
+
+    def load_own_variables(self, store):
+        """Load what `save_own_variables` saved (a file without the seed
+        states, written before they were stored, loads too)."""
+        variables = self._trainable_variables + self._non_trainable_variables
+        states = self._seed_states()
+        count = len(store.keys())
+        if count not in (len(variables), len(variables) + len(states)):
+            self._check_load_own_variables(store)  # Keras's own error
+        for i, variable in enumerate((variables + states)[:count]):
+            variable.assign(store[f"{i}"])
 
     # Introspection ----------------------------------------------------------------
     def rank(self):

@@ -191,14 +191,28 @@ class FlexLoRAAdapter(AdapterLayer):
         return lora_scale(self.alpha, self.initial_rank)
 
     def build_adapter(self):
+        # autocast=False: read in float32 inside `call` under mixed precision
+        # too, so the orthogonality penalty is a float32 loss (a bfloat16
+        # loss cannot be summed with a float32 one on tensorflow);
+        # `delta_output` casts to the compute dtype itself.
         init = keras.initializers.RandomNormal(stddev=INIT_STDDEV)
-        self.flex_a = self.add_adapter_weight("flex_a", (self.d_in, self.max_rank), init)
-        self.flex_lambda = self.add_adapter_weight("flex_lambda", (self.max_rank,), "zeros")
-        self.flex_b = self.add_adapter_weight("flex_b", (self.max_rank, self.d_out), init)
+        self.flex_a = self.add_adapter_weight(
+            "flex_a", (self.d_in, self.max_rank), init, autocast=False
+        )
+        self.flex_lambda = self.add_adapter_weight(
+            "flex_lambda", (self.max_rank,), "zeros", autocast=False
+        )
+        self.flex_b = self.add_adapter_weight(
+            "flex_b", (self.max_rank, self.d_out), init, autocast=False
+        )
         mask = np.zeros((self.max_rank,), "float32")
         mask[: self.initial_rank] = 1.0
         self.flex_mask = self.add_adapter_weight(
-            "flex_mask", (self.max_rank,), keras.initializers.Constant(mask), trainable=False
+            "flex_mask",
+            (self.max_rank,),
+            keras.initializers.Constant(mask),
+            trainable=False,
+            autocast=False,
         )
         self.flex_expansions = self.add_weight(
             name="flex_expansions", shape=(), initializer="zeros", dtype="int32", trainable=False

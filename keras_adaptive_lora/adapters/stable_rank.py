@@ -224,6 +224,8 @@ class StableRankLoRA(AdapterMethod):
 
     keras-hub models keep q, k and v as separate projections, so each gets its
     own rank (the reference code computes one rank for a fused qkv weight).
+    On a model quantized with Keras's int8 (`model.quantize("int8")`), the
+    stable rank is that of the dequantized kernel `int8 / kernel_scale`.
 
     Args:
         alpha: scaling numerator, `s = alpha / r`. Defaults to 1 (`s = 1 / r`,
