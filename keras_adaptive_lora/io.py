@@ -21,9 +21,15 @@ readable with `numpy.load`, no pickle) holding:
 
 Layers are keyed by `layer.path`, never by index. `load_adapters(model,
 path)` checks the whole file against `model` before changing anything.
+
+Training checkpoints need nothing from this module: Keras weights files
+(`save_weights`, `ModelCheckpoint(save_weights_only=True)`,
+`BackupAndRestore`) hold every adapter variable, and `AdapterLayer` adds its
+seed-generator states to them, so a resumed run continues exactly.
 """
 
 import json
+import zipfile
 
 import keras
 import numpy as np
@@ -208,28 +214,104 @@ def save_adapters(model, path):
 # Load
 # --------------------------------------------------------------------------
 def read_adapter_file(path):
-    """`(metadata, arrays)` of an adapter file written by `save_adapters`."""
+    """`(metadata, arrays)` of an adapter file written by `save_adapters`.
+
+    The file is checked before anything is returned: a file that is not a
+    readable `.npz`, has no or unparsable metadata, another format, layer
+    entries without their fields, or an array named in the metadata but
+    missing raises a `ValueError` that says what is wrong.
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(
-            f"Cannot read adapter file {str(path)!r} ({error}); expected a file "
-            "written by `keras_adaptive_lora.save_adapters`."
+            f"Cannot read adapter file {str(path)!r} ({type(error).__name__}: "
+            f"{error}); expected a file written by "
+            "`keras_adaptive_lora.save_adapters`."
         ) from None
     if METADATA_KEY not in arrays:
         raise ValueError(
             f"{str(path)!r} has no '{METADATA_KEY}' entry; it was not written by "
             "`keras_adaptive_lora.save_adapters`."
         )
-    metadata = json.loads(str(arrays.pop(METADATA_KEY)))
-    if metadata.get("format") != FORMAT or metadata.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        metadata = json.loads(str(arrays.pop(METADATA_KEY)))
+    except json.JSONDecodeError as error:
         raise ValueError(
-            f"{str(path)!r} has format {metadata.get('format')!r} version "
-            f"{metadata.get('format_version')!r}; this library reads "
-            f"{FORMAT!r} up to version {FORMAT_VERSION}. Upgrade keras_adaptive_lora."
+            f"Adapter file {str(path)!r}: its '{METADATA_KEY}' entry is not valid "
+            f"JSON ({error}); the file is corrupted. Save the adapters again."
+        ) from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or (
+        not isinstance(metadata.get("format_version"), int)
+        or metadata["format_version"] > FORMAT_VERSION
+    ):
+        found = metadata if not isinstance(metadata, dict) else (
+            metadata.get("format"), metadata.get("format_version")
         )
+        raise ValueError(
+            f"{str(path)!r} has format {found!r}; this library reads "
+            f"{FORMAT!r} up to version {FORMAT_VERSION}. Upgrade "
+            "keras_adaptive_lora, or check that the file was written by "
+            "`save_adapters`."
+        )
+    _check_metadata(metadata, arrays, path)
     return metadata, arrays
+
+
+_LAYER_FIELDS = {
+    "path": str,
+    "adapter_class": str,
+    "adapter_config": dict,
+    "wrapped_type": str,
+    "kernel_shape": list,
+    "variables": list,
+}
+
+
+def _check_metadata(metadata, arrays, path):
+    """Raise a `ValueError` when the metadata lacks what loading needs."""
+
+    def corrupted(what):
+        return ValueError(
+            f"Adapter file {str(path)!r}: {what}. The file is corrupted or was "
+            "edited; save the adapters again."
+        )
+
+    layers, methods = metadata.get("layers"), metadata.get("methods", [])
+    if not isinstance(layers, list) or not layers:
+        raise corrupted("its metadata has no list of adapted 'layers'")
+    if not isinstance(methods, list):
+        raise corrupted("its metadata's 'methods' is not a list")
+    seen = set()
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            raise corrupted(f"layer entry {i} is not a JSON object")
+        where = f"layer entry {i} ('{entry.get('path', '?')}')"
+        for field, kind in _LAYER_FIELDS.items():
+            if not isinstance(entry.get(field), kind):
+                raise corrupted(f"{where} has no valid '{field}' ({kind.__name__})")
+        if entry["path"] in seen:
+            raise corrupted(f"layer '{entry['path']}' occurs twice")
+        seen.add(entry["path"])
+        index = entry.get("method_index")
+        if index is not None and (
+            isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(methods)
+        ):
+            raise corrupted(f"{where} has 'method_index' {index!r} but the file has {len(methods)} methods")
+        for item in entry["variables"]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise corrupted(f"{where} has a variable entry without a 'name'")
+            if item.get("key") not in arrays:
+                raise corrupted(f"{where}: the array {item.get('key')!r} of variable '{item['name']}' is missing")
+    train_also = metadata.get("train_also", [])
+    if not isinstance(train_also, list):
+        raise corrupted("its metadata's 'train_also' is not a list")
+    for item in train_also:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise corrupted("a 'train_also' entry has no variable 'path'")
+        if item.get("key") not in arrays:
+            raise corrupted(f"the array {item.get('key')!r} of variable '{item['path']}' is missing")
 
 
 def _check_array(where, value, shape):
@@ -273,14 +355,22 @@ def _check_layer(entry, sites, model):
             f"file was saved for kernel shape {stored}. Load the adapters into the "
             "base model they were trained on; nothing was changed."
         )
-    return parent, layer
-
-
-def _unwrap(adapter, trainable):
-    """Undo what constructing `adapter` did to its wrapped layer."""
-    layer = adapter.wrapped
-    layer.activation = adapter.activation
-    layer.trainable = trainable
+    activation = keras.activations.serialize(layer.activation)
+    if entry.get("activation", activation) != activation:
+        raise ValueError(
+            f"Layer '{path}' has activation {activation!r} in the model but the "
+            f"adapter file was saved for activation {entry['activation']!r}. Load "
+            "the adapters into the base model they were trained on; nothing was "
+            "changed."
+        )
+    cls = keras.saving.get_registered_object(entry["adapter_class"])
+    if not (isinstance(cls, type) and issubclass(cls, AdapterLayer)):
+        raise ValueError(
+            f"Layer '{path}': unknown adapter class {entry['adapter_class']!r}; "
+            "import the module that defines it before loading; nothing was "
+            "changed."
+        )
+    return parent, layer, cls
 
 
 def load_adapters(model, path):
@@ -290,10 +380,12 @@ def load_adapters(model, path):
     at the stored path, every stored value is assigned (non-trainable state
     included), the adapters are swapped in and the model is frozen as
     `apply_adapters` leaves it (adapters and the stored `train_also`
-    variables stay trainable). Everything is checked first: a missing layer,
-    another layer type or kernel shape, a layer that already has an adapter
-    or a variable of another shape raises a `ValueError` naming it, and the
-    model is left unchanged.
+    variables stay trainable). Everything is checked first: an unreadable or
+    corrupted file (see `read_adapter_file`), a missing layer, another layer
+    type, kernel shape or activation, a layer that already has an adapter,
+    an unknown adapter class, a config the class rejects or a variable of
+    another shape raises a `ValueError` naming it, and the model is left
+    unchanged (nothing half-applied).
 
     Args:
         model: a built base model: freshly built with the same config, or
@@ -331,31 +423,29 @@ def load_adapters(model, path):
             )
         _check_array(f"Variable '{entry['path']}'", arrays[entry["key"]], variable.shape)
         train_also.append((variable, arrays[entry["key"]]))
-    # 3. Build the adapters (off the model), check their variables.
-    built, swaps = [], []
+    # 3. Build the adapters (off the model), check their variables. Building
+    # one freezes its layer and moves the activation: undone on any error.
+    touched, swaps = [], []
     try:
-        for entry, (parent, layer) in zip(metadata["layers"], checked):
-            cls = keras.saving.get_registered_object(entry["adapter_class"])
-            if cls is None or not issubclass(cls, AdapterLayer):
+        for entry, (parent, layer, cls) in zip(metadata["layers"], checked):
+            touched.append((layer, layer.activation, layer.trainable))
+            try:
+                adapter = cls(layer, activation=layer.activation, **entry["adapter_config"])
+            except (TypeError, ValueError) as error:
                 raise ValueError(
-                    f"Layer '{entry['path']}': unknown adapter class "
-                    f"{entry['adapter_class']!r}; import the module that defines it "
-                    "before loading."
-                )
-            trainable = layer.trainable
-            adapter = cls(
-                layer,
-                activation=keras.activations.deserialize(entry["activation"]),
-                **entry["adapter_config"],
-            )
-            built.append((adapter, trainable))
+                    f"Layer '{entry['path']}': cannot rebuild a {cls.__name__} "
+                    f"from the file's config {entry['adapter_config']} ({error}). "
+                    "The file was edited or written by an incompatible version; "
+                    "nothing was changed."
+                ) from None
             own = dict(_own_variables(adapter))
             stored = {v["name"] for v in entry["variables"]}
             if set(own) != stored:
                 raise ValueError(
                     f"Layer '{entry['path']}': the file has adapter variables "
                     f"{sorted(stored)} but a {cls.__name__} has {sorted(own)}; the "
-                    "file was written by an incompatible version."
+                    "file was written by an incompatible version; nothing was "
+                    "changed."
                 )
             for item in entry["variables"]:
                 _check_array(
@@ -365,8 +455,9 @@ def load_adapters(model, path):
                 )
             swaps.append((parent, layer, adapter, entry))
     except Exception:
-        for adapter, trainable in built:
-            _unwrap(adapter, trainable)
+        for layer, activation, trainable in touched:
+            layer.activation = activation
+            layer.trainable = trainable
         raise
     # 4. Assign (the adapters are not in the model yet), then swap in.
     methods = metadata.get("methods", [])

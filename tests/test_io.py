@@ -1,12 +1,10 @@
-"""Adapter-only files (`save_adapters`/`load_adapters`), the `.keras` guard,
-merged save/export (`save_merged`, `export_merged`, `cli export`) and a
-cross-backend adapter move. Runs under every KERAS_BACKEND."""
+"""Adapter-only files (`save_adapters`/`load_adapters`) and each of their
+error cases, the `.keras` and `save_to_preset` guards, weights-only
+checkpoints and `save_merged`. Runs under every KERAS_BACKEND. Resume,
+cross-backend moves and SavedModel export for every method are in
+`test_persistence_matrix.py`."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import keras_hub
@@ -14,14 +12,9 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.adapters.flexlora import rank_pattern
-from keras_adaptive_lora.callbacks import FlexLoRAScheduler
 from keras_adaptive_lora.io import _own_variables
 
-from conftest import image_batch, tiny_gemma, tiny_vit, to_numpy, token_batch
-
-BACKEND = keras.backend.backend()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_gemma, to_numpy, token_batch
 
 METHODS = {
     "lora": lambda: kal.LoRA(rank=2, alpha=4.0),
@@ -35,84 +28,11 @@ def _lm(backbone):
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
 
-def _lm_data(n=4, seq=6, vocab=20):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, (n, seq + 1)).astype("int32")
-    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((n, seq), "int32")}
-    return x, tokens[:, 1:]
-
-
-def _fit(model, x, y, callbacks=()):
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(x, y, batch_size=2, epochs=3, verbose=0, callbacks=list(callbacks))
-
-
-def _state(model):
-    """`{layer path::variable: value}` of every adapter variable."""
-    return {
-        f"{a.path}::{name}": to_numpy(v)
-        for a in kal.find_adapters(model)
-        for name, v in _own_variables(a)
-    }
-
-
-@pytest.fixture
-def preset(tmp_path):
-    """A tiny Gemma saved as a local preset (the base weights)."""
-    path = str(tmp_path / "preset")
-    tiny_gemma().save_to_preset(path)
-    return path
-
-
-def _base(preset):
-    return keras_hub.models.GemmaBackbone.from_preset(preset)
-
-
 # --------------------------------------------------------------------------
 # save_adapters / load_adapters
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_fit_save_load_gives_equal_outputs(name, preset, tmp_path):
-    lm = _lm(_base(preset))
-    kal.apply_adapters(lm, METHODS[name]())
-    x, y = _lm_data()
-    callbacks = []
-    if name == "flexlora":
-        callbacks = [FlexLoRAScheduler(6, b0=2, warmup_steps=1, final_steps=1, interval=1, verbose=0)]
-    _fit(lm, x, y, callbacks)
-    path = str(tmp_path / "adapters.npz")
-    metadata = kal.save_adapters(lm, path)
-
-    fresh = _lm(_base(preset))
-    before = to_numpy(fresh(x, training=False))
-    report = kal.load_adapters(fresh, path)
-
-    want = to_numpy(lm(x, training=False))
-    got = to_numpy(fresh(x, training=False))
-    assert np.abs(want - before).max() > 1e-4  # training changed the outputs
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-    # Every adapter variable, non-trainable state included, is restored.
-    saved, loaded = _state(lm), _state(fresh)
-    assert saved.keys() == loaded.keys()
-    for key in saved:
-        np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
-    # Same adapted layers, ranks and trainable variables; the base is frozen.
-    assert [r["path"] for r in report.rows] == [layer["path"] for layer in metadata["layers"]]
-    assert [a.rank() for a in kal.find_adapters(fresh)] == [a.rank() for a in kal.find_adapters(lm)]
-    assert {v.path for v in fresh.trainable_variables} == {v.path for v in lm.trainable_variables}
-    assert type(report.method) is type(METHODS[name]())
-    if name == "flexlora":
-        assert rank_pattern(fresh) == rank_pattern(lm)
-        assert sorted(set(rank_pattern(lm).values())) != [2]  # the schedule moved ranks
-    if name == "stable_rank":
-        assert any("seed_generator_state" in key for key in saved)
-
-
-def test_file_is_small_and_keyed_by_path(preset, tmp_path):
-    lm = _lm(_base(preset))
+def test_file_is_small_and_keyed_by_path(tmp_path):
+    lm = _lm(tiny_gemma())
     kal.apply_adapters(lm, kal.LoRA(rank=2, alpha=4.0), targets=["query", "value"])
     path = str(tmp_path / "adapters.npz")
     kal.save_adapters(lm, path)
@@ -141,34 +61,6 @@ def test_file_is_small_and_keyed_by_path(preset, tmp_path):
     assert query["adapter_config"]["alpha"] == 4.0 and query["rank"] == 2
     assert query["adapter_class"] == "keras_adaptive_lora>LoRAAdapter"
     assert metadata["train_also"] == []
-
-
-def test_vit_classifier_with_train_also_head(tmp_path):
-    def classifier(backbone):
-        return keras_hub.models.ViTImageClassifier(
-            backbone=backbone, num_classes=3, preprocessor=None
-        )
-
-    preset = str(tmp_path / "vit")
-    tiny_vit().save_to_preset(preset)
-    model = classifier(keras_hub.models.ViTBackbone.from_preset(preset))
-    kal.apply_adapters(model, kal.LoRA(rank=2), train_also=["predictions"])
-    images = image_batch(batch=4)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(images, np.array([0, 1, 2, 0]), batch_size=2, epochs=2, verbose=0)
-    path = str(tmp_path / "adapters.npz")
-    metadata = kal.save_adapters(model, path)
-    assert {e["path"] for e in metadata["train_also"]} == {"predictions/kernel", "predictions/bias"}
-
-    fresh = classifier(keras_hub.models.ViTBackbone.from_preset(preset))
-    kal.load_adapters(fresh, path)
-    np.testing.assert_allclose(
-        to_numpy(fresh(images, training=False)), to_numpy(model(images, training=False)), atol=1e-5
-    )
-    assert {v.path for v in fresh.trainable_variables} == {v.path for v in model.trainable_variables}
 
 
 # --------------------------------------------------------------------------
@@ -293,97 +185,162 @@ def test_merged_keras_file_round_trips(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Export
+# Corrupted, edited or mismatched files: an actionable error, nothing changed
 # --------------------------------------------------------------------------
-def _adapted_gemma():
+def _rewrite(path, out, edit):
+    """Copy the adapter file at `path` to `out` with `edit(metadata, arrays)`
+    applied; `edit` may also replace the metadata entry itself."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    metadata = json.loads(str(arrays["__metadata__"]))
+    edit(metadata, arrays)
+    if "__metadata__" in arrays and not isinstance(arrays["__metadata__"], str):
+        arrays["__metadata__"] = np.asarray(json.dumps(metadata))
+    with open(out, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def _value_layer(metadata):
+    return next(e for e in metadata["layers"] if e["path"].endswith("/value"))
+
+
+def _set(mapping, key, value):
+    mapping[key] = value
+
+
+CORRUPTIONS = {
+    # The metadata: unparsable, missing, another format, missing fields.
+    "json": (lambda m, a: _set(a, "__metadata__", "{not json"), "not valid JSON"),
+    "no_metadata": (lambda m, a: a.pop("__metadata__"), "has no '__metadata__' entry"),
+    "format": (lambda m, a: _set(m, "format_version", 99), r"format .*99.*Upgrade"),
+    "no_layers": (lambda m, a: m.pop("layers"), "no list of adapted 'layers'"),
+    "no_field": (
+        lambda m, a: _value_layer(m).pop("kernel_shape"),
+        r"layer entry 1 \('decoder_block_0/attention/value'\) has no valid 'kernel_shape'",
+    ),
+    "duplicate": (lambda m, a: m["layers"].append(m["layers"][0]), "occurs twice"),
+    "method_index": (lambda m, a: _set(_value_layer(m), "method_index", 3), "'method_index' 3"),
+    # An array named in the metadata is missing.
+    "no_array": (
+        lambda m, a: a.pop("decoder_block_0/attention/value::lora_b"),
+        r"'decoder_block_0/attention/value::lora_b' of variable 'lora_b' is missing",
+    ),
+    "no_train_also_array": (
+        lambda m, a: m["train_also"].append({"key": "train_also::x", "path": "x"}),
+        r"'train_also::x' of variable 'x' is missing",
+    ),
+    # The method spec of a layer does not fit: another class, a bad config.
+    "unknown_class": (
+        lambda m, a: _set(_value_layer(m), "adapter_class", "keras_adaptive_lora>Nope"),
+        r"'decoder_block_0/attention/value': unknown adapter class",
+    ),
+    "other_method": (
+        lambda m, a: _set(_value_layer(m), "adapter_class", "keras_adaptive_lora>FlexLoRAAdapter"),
+        r"'decoder_block_0/attention/value': cannot rebuild a FlexLoRAAdapter",
+    ),
+    "bad_config": (
+        lambda m, a: _value_layer(m)["adapter_config"].update(rank=99),
+        r"'decoder_block_0/attention/value': cannot rebuild a LoRAAdapter .*rank",
+    ),
+    "activation": (
+        lambda m, a: _set(_value_layer(m), "activation", "relu"),
+        r"'decoder_block_0/attention/value' has activation 'linear' .* 'relu'",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    return _saved(tiny_gemma(), tmp_path_factory.mktemp("lora_file"))
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupted_or_mismatched_file_raises_and_changes_nothing(case, lora_file, tmp_path):
+    edit, message = CORRUPTIONS[case]
+    path = str(tmp_path / "edited.npz")
+    _rewrite(lora_file, path, edit)
+    model = tiny_gemma()
+    x = token_batch()
+    before, snapshot = to_numpy(model(x)), _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        kal.load_adapters(model, path)
+    assert kal.find_adapters(model) == []
+    assert _snapshot(model) == snapshot
+    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    kal.load_adapters(model, lora_file)  # the model is still a clean base
+    assert len(kal.find_adapters(model)) == 2
+
+
+def test_unreadable_files_raise(tmp_path):
+    truncated = tmp_path / "truncated.npz"
+    with open(_saved(tiny_gemma(), tmp_path), "rb") as f:
+        truncated.write_bytes(f.read()[:200])
+    with pytest.raises(ValueError, match="Cannot read adapter file .*BadZipFile"):
+        kal.load_adapters(tiny_gemma(), str(truncated))
+    with pytest.raises(ValueError, match="Cannot read adapter file"):
+        kal.load_adapters(tiny_gemma(), str(tmp_path / "missing.npz"))
+
+
+# --------------------------------------------------------------------------
+# keras-hub presets
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_save_to_preset_with_unmerged_adapters_raises(name, tmp_path):
     backbone = tiny_gemma()
-    kal.apply_adapters(backbone, kal.LoRA(rank=2))
-    for a in kal.find_adapters(backbone):
-        a.lora_b.assign(np.random.default_rng(1).normal(size=a.lora_b.shape).astype("float32"))
-    return backbone
-
-
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="SavedModel export runs on the tensorflow backend")
-def test_export_merged_serves_adapted_outputs(tmp_path):
-    import tensorflow as tf
-
-    backbone = _adapted_gemma()
+    kal.apply_adapters(backbone, METHODS[name]())
+    for adapter in kal.find_adapters(backbone):  # a nonzero update
+        for _, variable in _own_variables(adapter):
+            if variable.trainable:
+                variable.assign(np.full(variable.shape, 0.2, "float32"))
+    message = r"unmerged .*save_to_preset.*merge_adapters.*save_adapters"
+    with pytest.raises(ValueError, match=message):
+        backbone.save_to_preset(str(tmp_path / "backbone"))
+    with pytest.raises(ValueError, match=message):
+        _lm(backbone).save_to_preset(str(tmp_path / "task"))
+    # Merged, the preset round-trips with the adapted outputs.
     x = token_batch()
-    want = to_numpy(backbone(x, training=False))
-    path = str(tmp_path / "saved_model")
-    kal.export_merged(backbone, path)
-    loaded = tf.saved_model.load(path)
-    got = loaded.serve(x).numpy()
-    assert np.abs(got - want).max() <= 1e-5
-    assert len(kal.find_adapters(backbone)) == 2  # the model keeps its adapters
-    np.testing.assert_array_equal(to_numpy(backbone(x, training=False)), want)
-
-
-@pytest.mark.skipif(BACKEND == "tensorflow", reason="the in-process export covers tensorflow")
-def test_export_from_other_backend_via_cli(tmp_path):
-    backbone = _adapted_gemma()
-    x = token_batch()
-    with pytest.raises(ValueError, match="save_merged.*cli export"):
-        kal.export_merged(backbone, str(tmp_path / "nope"))
-    want = to_numpy(backbone(x, training=False))
-    merged = str(tmp_path / "merged.keras")
-    kal.save_merged(backbone, merged)
-    np.save(str(tmp_path / "want.npy"), want)
-    np.savez(str(tmp_path / "x.npz"), **x)
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
-    out = str(tmp_path / "saved_model")
-    check = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np, tensorflow as tf
-        from keras_adaptive_lora.cli import main
-        assert main(["export", {merged!r}, {out!r}]) == 0
-        x = dict(np.load({str(tmp_path / "x.npz")!r}))
-        loaded = tf.saved_model.load({out!r})
-        diff = np.abs(loaded.serve(x).numpy() - np.load({str(tmp_path / "want.npy")!r})).max()
-        print("DIFF", diff)
-        sys.exit(0 if diff <= 1e-5 else 1)
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "DIFF" in result.stdout
+    want = to_numpy(backbone(x))
+    kal.merge_adapters(backbone)
+    backbone.save_to_preset(str(tmp_path / "merged"))
+    reloaded = keras_hub.models.GemmaBackbone.from_preset(str(tmp_path / "merged"))
+    np.testing.assert_allclose(to_numpy(reloaded(x)), want, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------
-# Cross-backend
+# Weights files hold the adapters' seed-generator states
 # --------------------------------------------------------------------------
-def test_adapters_move_to_another_backend(preset, tmp_path):
-    other = "jax" if BACKEND != "jax" else "torch"
-    backbone = _base(preset)
-    kal.apply_adapters(backbone, kal.FlexLoRA(rank=2, seed=5))
-    for a in kal.find_adapters(backbone):
-        a.flex_lambda.assign(np.linspace(0.5, 1.0, a.max_rank).astype("float32"))
-    x = token_batch()
-    want = to_numpy(backbone(x, training=False))
-    path = str(tmp_path / "adapters.npz")
-    kal.save_adapters(backbone, path)
-    np.save(str(tmp_path / "want.npy"), want)
-    np.savez(str(tmp_path / "x.npz"), **x)
-    check = textwrap.dedent(
-        f"""
-        import sys
-        import keras, keras_hub, numpy as np
-        import keras_adaptive_lora as kal
-        assert keras.backend.backend() == {other!r}
-        model = keras_hub.models.GemmaBackbone.from_preset({preset!r})
-        kal.load_adapters(model, {path!r})
-        x = dict(np.load({str(tmp_path / "x.npz")!r}))
-        got = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
-        diff = np.abs(got - np.load({str(tmp_path / "want.npy")!r})).max()
-        print("DIFF", diff, len(kal.find_adapters(model)))
-        sys.exit(0 if diff <= 1e-5 and len(kal.find_adapters(model)) == 7 else 1)
-        """
-    )
-    env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+def test_weights_store_holds_seed_generator_state():
+    keras.utils.set_random_seed(5)
+    backbone = tiny_gemma()
+    kal.apply_adapters(backbone, kal.StableRankLoRA(seed=3), targets=["query"])
+    adapter = kal.find_adapters(backbone)[0]
+    adapter.sample_rank()  # advance the SPU sampler
+    store = {}
+    adapter.save_own_variables(store)
+    store = {k: to_numpy(v) for k, v in store.items()}
+    state = to_numpy(adapter.seed_generator.state)
+    assert len(store) == 3
+    np.testing.assert_array_equal(store["2"], state)
+    assert state[1] != 0  # advanced, not the initial state
+
+    keras.utils.set_random_seed(5)  # the same kernel, so the same SR-LoRA rank
+    other = tiny_gemma()
+    kal.apply_adapters(other, kal.StableRankLoRA(seed=3), targets=["query"])
+    fresh = kal.find_adapters(other)[0]
+    fresh.load_own_variables(store)
+    np.testing.assert_array_equal(to_numpy(fresh.seed_generator.state), state)
+    np.testing.assert_array_equal(to_numpy(fresh.lora_a), store["0"])
+    # A file written without the state still loads (the sampler is kept) ...
+    initial = to_numpy(fresh.seed_generator.state)
+    fresh.load_own_variables({"0": store["0"], "1": store["1"]})
+    np.testing.assert_array_equal(to_numpy(fresh.seed_generator.state), initial)
+    # ... and another count is Keras's own error.
+    with pytest.raises(ValueError, match="expected 2 variables, but received 1"):
+        fresh.load_own_variables({"0": store["0"]})
+    # An adapter dropout's sampler is stored too; the wrapped layer's are not.
+    dropped = tiny_gemma()
+    kal.apply_adapters(dropped, kal.LoRA(rank=2, dropout=0.1), targets=["query"])
+    adapter = kal.find_adapters(dropped)[0]
+    store = {}
+    adapter.save_own_variables(store)
+    assert len(store) == 3 and store["2"] is adapter._dropout_layer.seed_generator.state
