@@ -13,11 +13,20 @@ sequence 128), same rank, same targets (FlexLoRA's default: every projection).
 Usage:
     python benchmarks/bench_flexlora.py                  # all backends
     python benchmarks/bench_flexlora.py --backends jax   # one backend
+    python benchmarks/bench_flexlora.py --quick          # smaller config, ~1 min per backend
+
+`--quick` sets hidden 128, 2 layers, sequence 32, batch 2, 3 rounds (explicit
+size flags after it still win). At that size the fixed per-layer costs weigh
+more, so its ratios are a smoke check, not the issue's measurement. Prints one
+`RESULT {json}` line per ratio for `benchmarks/run_all.py`.
 """
 
 import sys
 
-from _runner import run_per_backend
+from _runner import report_ratio, run_per_backend
+
+# `--quick`: the sizes it stands for (prepended, so explicit flags override them).
+QUICK = ("--hidden=128", "--layers=2", "--seq=32", "--batch=2", "--rounds=3")
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -110,6 +119,12 @@ print(json.dumps({
 
 
 def format_result(r):
+    """Print the RESULT lines of one backend and return its summary line."""
+    report_ratio("bench_flexlora", r["backend"], "step time FlexLoRA/LoRA", r["ratio"], "<= 1.10")
+    report_ratio("bench_flexlora", r["backend"], "reallocation cost / step (fit, interval=1)",
+                 r["realloc_fraction"], "<= 0.5")
+    report_ratio("bench_flexlora", r["backend"], "reallocation cost / step (timed alone)",
+                 r["direct_fraction"], "")
     return (
         f"{r['backend']:>10}: FlexLoRA {r['ms_flexlora']:.1f} ms/step, LoRA "
         f"{r['ms_lora']:.1f} ms/step, ratio = {r['ratio']:.2f} (target <= 1.10); "
@@ -121,6 +136,9 @@ def format_result(r):
 
 
 def main():
+    if "--quick" in sys.argv[1:]:
+        rest = [arg for arg in sys.argv[1:] if arg != "--quick"]
+        sys.argv[1:] = [*QUICK, *rest]
     return run_per_backend(CHILD, __doc__.splitlines()[0], format_result)
 
 
