@@ -4,7 +4,8 @@ implementation of the sinc transfer, on large kernels.
 Model: `x (batch, seq, 1024) -> Dense(4096) -> Dense(1024)`, both projections
 adapted at the same rank (a transformer MLP's up and down kernels, 4M entries
 each). One training step = forward, loss, gradients of every adapter
-parameter (`keras.ops` model code; the gradient call is the backend's own:
+parameter (`keras.ops` model code through `model.stateless_call`, the frozen
+weights closed over; the gradient call is the backend's own:
 `jax.jit(jax.value_and_grad)`, a `tf.function` with a `GradientTape`, torch
 autograd). Variants:
 
@@ -14,30 +15,58 @@ autograd). Variants:
   sinc(b[:, None, None] * (P[None] - g[:, None, None])), axis=0)`, differentiated
   by plain autodiff: it forms `(grid_size, d_in, d_out)` tensors.
 
-Each (backend, variant) runs in a fresh subprocess. What is measured:
+Each (backend, variant) runs in a fresh subprocess: build, one warm-up step
+(which also compiles on jax/tensorflow), then `--steps` timed steps. What
+is measured (MB = MiB):
 
 - `step MB`: the process's peak resident memory (Linux `VmHWM`, reset through
   `/proc/self/clear_refs` after the warm-up step) during the timed steps, minus
   the resident memory just before them: the extra memory a training step needs
-  on top of the resident weights, variables and inputs. glibc is told to serve
-  every allocation above 64 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`), so freed
-  tensors leave the resident set at once and the high-water mark tracks live
-  tensor memory, not allocator caching.
-- `total MB`: peak resident memory during the steps minus the resident memory
-  after the imports, before the model was built: weights + adapter state +
-  inputs + the step (+ on jax/tensorflow the compiled program).
+  on top of what stays resident between steps. glibc is told to serve every
+  allocation above 64 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`) and to trim at
+  once (`MALLOC_TRIM_THRESHOLD_=0`), so freed tensors leave the resident set
+  at once and the high-water mark tracks live tensor memory, not allocator
+  caching. Noisy for a small step (pages kept from the warm-up count as
+  "before").
+- `total MB` (the "peak memory" of the targets): peak resident memory during
+  the timed steps minus the resident memory after the imports, before the
+  model was built. Per backend that peak holds:
+  - torch (eager): the weights, adapter variables and input, plus the live
+    tensors at the worst moment of the step (activations and what autograd
+    saved, then the backward pass's temporaries); no compiled program.
+  - jax: the weights and input, the compiled step (its code and constants:
+    the frozen kernels closed over by the jitted function are compile-time
+    constants inside it), the heap the compilation left behind (glibc cannot
+    return fragmented free memory), and the step's working memory: XLA
+    preallocates the buffers of its buffer assignment (`XLA temp MB`) for the
+    run, plus the outputs.
+  - tensorflow: the weights and input, the traced graph and the executor's
+    live tensors at the worst moment (as torch, but ops may run concurrently).
+- `trimmed MB`: `total MB` measured again over one more step, after
+  `malloc_trim(0)` has handed every free heap page back to the OS: without
+  what the allocator keeps of freed memory. On jax that is mostly what the
+  compilation freed (XLA CPU leaves ~40-50 MB for the SincLoRA step, ~15 MB
+  for LoRA's, whatever the number of layers): the step's own memory, the
+  compiled program and the weights remain.
 - on jax also `XLA temp MB`: the compiled step's temporary buffers from XLA's
-  own buffer assignment (`compiled.memory_analysis()`), independent of malloc.
-- `step s`: median wall time of the timed steps (after one warm-up step, which
-  also compiles on jax / tensorflow).
+  own buffer assignment (`compiled.memory_analysis()`), independent of malloc
+  and of the compilation's leftovers: the most exact view of the step itself.
+- `step s`: median wall time of the timed steps.
+
+The targets (issue 6): `total MB` (and `trimmed MB`, and on jax `XLA temp
+MB`) of `sinc` <= 1.3x `lora`'s. Each ratio is also printed as a `RESULT {json}` line for
+`benchmarks/run_all.py`: memory sinc/lora (target "<= 1.3"), naive/sinc
+(informative), step time sinc/lora and naive/sinc (informative).
 
 Usage: `python benchmarks/bench_sinc_memory.py [--backends jax torch]
 [--variants lora sinc naive] [--batch 4 --seq 128 --rank 8 --grid-size 50
 --steps 2] [--plain-malloc]`. `--plain-malloc` drops the allocator settings
 above: use it for step times (serving every allocation with a fresh mmap
 costs a page fault per 4 KiB, which slows torch eager, one allocation per op,
-several-fold), not for the memory columns. CPU-only runs take
-a few minutes: every step evaluates `grid_size` sinc terms per kernel entry.
+many-fold), not for the memory columns (its ratios are printed, its memory
+ratios are not reported as RESULT lines). CPU-only runs of `lora` and `sinc`
+take a minute or two per backend; `naive` takes far longer (tens of minutes
+and ~10 GB on jax) at the default sizes.
 """
 
 import argparse
@@ -46,6 +75,8 @@ import os
 import subprocess
 import sys
 import time
+
+from _runner import report_ratio
 
 VARIANTS = ("lora", "sinc", "naive")
 
@@ -61,6 +92,17 @@ def _status(key):
 def _reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _malloc_trim():
+    """glibc's `malloc_trim(0)`: return all free heap pages to the OS. False if unavailable."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def worker(args):
@@ -162,6 +204,14 @@ def worker(args):
         step()
         times.append(time.perf_counter() - t0)
     peak = _status("VmHWM")
+    # One more step after handing the heap's free pages back to the OS: glibc
+    # keeps free memory below the top of the heap resident (on jax mostly
+    # what the compilation freed, tens of MB).
+    trimmed = None
+    if _malloc_trim():
+        _reset_peak()
+        step()
+        trimmed = _status("VmHWM") - rss_start
     print(
         json.dumps(
             {
@@ -169,6 +219,7 @@ def worker(args):
                 "variant": args.variant,
                 "step_mb": peak - rss_before,
                 "total_mb": peak - rss_start,
+                "trimmed_mb": trimmed,
                 "xla_temp_mb": xla_temp,
                 "step_s": float(np.median(times)),
             }
@@ -201,29 +252,67 @@ def run_all(args):
         f"batch {args.batch} x seq {args.seq}, rank {args.rank}, grid_size {args.grid_size}, "
         f"median of {args.steps} steps"
     )
-    header = f"{'backend':<11}{'variant':<8}{'step MB':>10}{'total MB':>10}{'XLA temp MB':>13}{'step s':>9}"
+    header = (
+        f"{'backend':<11}{'variant':<8}{'step MB':>10}{'total MB':>10}{'trimmed MB':>12}"
+        f"{'XLA temp MB':>13}{'step s':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         xla = "" if r["xla_temp_mb"] is None else f"{r['xla_temp_mb']:.1f}"
+        trimmed = "" if r["trimmed_mb"] is None else f"{r['trimmed_mb']:.1f}"
         print(
             f"{r['backend']:<11}{r['variant']:<8}{r['step_mb']:>10.1f}{r['total_mb']:>10.1f}"
-            f"{xla:>13}{r['step_s']:>9.2f}"
+            f"{trimmed:>12}{xla:>13}{r['step_s']:>9.2f}"
         )
     print("\nratios (sinc / lora, naive / sinc):")
     for backend in args.backends:
         by = {r["variant"]: r for r in rows if r["backend"] == backend}
-        if not {"lora", "sinc"} <= set(by):
+        if "sinc" not in by:
             continue
         parts = []
-        for key, label in (("step_mb", "step mem"), ("total_mb", "total mem"), ("xla_temp_mb", "XLA temp"), ("step_s", "time")):
+        labels = (
+            ("step_mb", "step mem"),
+            ("total_mb", "total mem"),
+            ("trimmed_mb", "trimmed"),
+            ("xla_temp_mb", "XLA temp"),
+            ("step_s", "time"),
+        )
+        for key, label in labels:
             if by["sinc"][key] is None:
                 continue
-            text = f"{label} {by['sinc'][key] / by['lora'][key]:.2f}x"
+            text = label
+            if "lora" in by:
+                text += f" {by['sinc'][key] / by['lora'][key]:.2f}x"
             if "naive" in by:
                 text += f" / {by['naive'][key] / by['sinc'][key]:.1f}x"
             parts.append(text)
         print(f"  {backend:<11}" + ",  ".join(parts))
+        report_ratios(backend, by, args.plain_malloc)
+
+
+def report_ratios(backend, by, plain_malloc):
+    """`RESULT` lines for `run_all.py`: memory (not with `--plain-malloc`,
+    where it is allocator-dependent) and step time."""
+    mode = " (--plain-malloc)" if plain_malloc else " (glibc mmap mode)"
+    name = "bench_sinc_memory"
+    if not plain_malloc:
+        labels = (
+            ("total_mb", "peak memory (total)"),
+            ("trimmed_mb", "peak memory (total, heap trimmed)"),
+            ("xla_temp_mb", "XLA temp memory"),
+        )
+        for key, label in labels:
+            if by["sinc"][key] is None:
+                continue
+            if "lora" in by:
+                report_ratio(name, backend, f"{label} sinc/lora", by["sinc"][key] / by["lora"][key], "<= 1.3")
+            if "naive" in by:
+                report_ratio(name, backend, f"{label} naive/sinc", by["naive"][key] / by["sinc"][key], "")
+    if "lora" in by:
+        report_ratio(name, backend, "step time sinc/lora" + mode, by["sinc"]["step_s"] / by["lora"]["step_s"], "")
+    if "naive" in by:
+        report_ratio(name, backend, "step time naive/sinc" + mode, by["naive"]["step_s"] / by["sinc"]["step_s"], "")
 
 
 def main():

@@ -19,7 +19,8 @@ from keras_adaptive_lora import (
     merge_adapters,
     update_stable_ranks,
 )
-from keras_adaptive_lora.adapters.sinc import sinc_grid, sinc_transfer
+from keras_adaptive_lora.adapters import sinc as sinc_module
+from keras_adaptive_lora.adapters.sinc import sin_cos_polynomial, sinc_grid, sinc_transfer
 
 BACKEND = keras.backend.backend()
 UNIT_LOGIT = math.log(math.e - 1.0)
@@ -190,29 +191,84 @@ def test_sinc_of_zero_is_one_with_finite_gradient():
     np.testing.assert_allclose(gx[5], -1.0, rtol=1e-5)
 
 
-def test_transfer_gradients_match_finite_differences():
-    x, a, b = transfer_inputs(seed=1)
+@pytest.mark.parametrize("grid_size", [7, 23])
+def test_transfer_gradients_match_finite_differences(grid_size):
+    # 23 grid points: chunks of 8 with one padding point on jax.
+    check_transfer_gradients(grid_size)
+
+
+def check_transfer_gradients(grid_size):
+    grid = sinc_grid(grid_size, 3.0)
+    x, _, _ = transfer_inputs(seed=1)
+    rng = np.random.default_rng(grid_size)
+    a = rng.normal(size=grid_size).astype("float32")
+    b = np_softplus(rng.normal(size=grid_size)).astype("float32")
     weights = np.random.default_rng(2).normal(size=x.shape).astype("float32")
 
     def loss(x, a, b):
-        return ops.sum(ops.multiply(sinc_transfer(x, a, b, GRID), weights))
+        return ops.sum(ops.multiply(sinc_transfer(x, a, b, grid), weights))
 
     value, grads = value_and_grads(loss, [x, a, b])
-    oracle = lambda x, a, b: float(np.sum(np_transfer(x, a, b, GRID) * weights))  # noqa: E731
+    oracle = lambda x, a, b: float(np.sum(np_transfer(x, a, b, grid) * weights))  # noqa: E731
     np.testing.assert_allclose(value, oracle(x, a, b), rtol=1e-5)
     for got, want, name in zip(grads, finite_differences(oracle, [x, a, b]), "xab"):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_transfer_keeps_no_grid_sized_tensor():
+def test_transfer_keeps_no_grid_sized_tensor(monkeypatch):
     # 64 grid points on a (12, 10) input: a broadcast implementation would
-    # create (64, 12, 10) tensors; this one never exceeds the input's size.
+    # create (64, 12, 10) tensors. Here temporaries are `(chunk, entries)`
+    # with at most `_BLOCK_ELEMENTS` (here 40) entries, whatever the grid
+    # size: nothing exceeds the input's size.
+    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 40)
     grid = sinc_grid(64, 3.0)
     x = np.random.default_rng(0).normal(size=(12, 10))
     a = np.full(64, 0.1)
     b = np.ones(64)
     size = largest_intermediate(lambda x, a, b: ops.sum(sinc_transfer(x, a, b, grid)), [x, a, b])
     assert size == x.size
+
+
+def test_sin_cos_polynomial_matches_numpy():
+    # What the jax path evaluates instead of XLA's (slow) sin/cos; the
+    # polynomial itself is plain keras.ops, so it is checked on every backend.
+    t = np.concatenate(
+        [
+            np.linspace(-60, 60, 4001),
+            np.arange(-40, 41) * np.pi / 2,  # quadrant boundaries
+            [0.0, 1e-30, -1e-30, 1e-7, -3e-4, 2e4, -5e4, 51000.0],
+        ]
+    ).astype("float32")
+    sin_t, cos_t = (to_numpy(v) for v in sin_cos_polynomial(ops.convert_to_tensor(t)))
+    exact = t.astype(np.float64)
+    np.testing.assert_allclose(sin_t, np.sin(exact), rtol=0, atol=2.5e-7)
+    np.testing.assert_allclose(cos_t, np.cos(exact), rtol=0, atol=2.5e-7)
+    # Exact where it matters for sinc: sin(t) = t for tiny t, cos(0) = 1.
+    assert sin_t[-7] == np.float32(1e-30) and cos_t[t == 0].tolist() == [1.0] * int((t == 0).sum())
+
+
+def test_blocked_assembles_pieces_with_a_shorter_last_block():
+    # 7 positions in blocks of 3 (no divisor of 7 in [2, 3]): 3 + 3 + 1.
+    # Output 1: rows, 2 per position, added onto an initial value; output 2:
+    # zeros plus pieces along axis 1; and a sum over the blocks.
+    init = np.arange(28, dtype="float32").reshape(14, 2)
+    source = np.random.default_rng(0).normal(size=(3, 7)).astype("float32")
+    tensor = ops.convert_to_tensor(source)
+
+    def body(start, length):
+        piece = sinc_module._take(tensor, 1, start, length)
+        rows = ops.reshape(ops.repeat(ops.transpose(piece), 2, axis=0)[:, :2], (2 * length, 2))
+        return (rows, ops.multiply(piece, 2.0)), (ops.sum(piece, axis=1),)
+
+    outputs = (
+        sinc_module._Output((14, 2), 0, unit=2, init=ops.convert_to_tensor(init)),
+        sinc_module._Output((3, 7), 1),
+    )
+    (rows, doubled), (total,) = sinc_module._blocked(7, 3, body, outputs, ((3,),))
+    want_rows = init + np.repeat(source.T, 2, axis=0)[:, :2]
+    np.testing.assert_allclose(to_numpy(rows), want_rows, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(doubled), 2 * source, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(total), source.sum(axis=1), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -301,7 +357,36 @@ def test_dense_adapter_on_3d_input_matches_numpy_gradients():
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
-def test_adapter_step_keeps_no_grid_sized_tensor():
+def test_attention_output_adapter_matches_numpy_gradients():
+    # `btnh,nhd->btd`: d_in = n * h, blocks along n (h rows of the matrix
+    # view per index), the input sliced along its third axis.
+    layer = keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, 5))
+    layer.build((2, 3, 4, 2))
+    adapter = SincLoRAAdapter(layer, rank=2, alpha=4.0, grid_size=6)
+    randomize(adapter, seed=11, scale=0.4)
+    kernel = to_numpy(layer.kernel)
+    grid = sinc_grid(6, 3.0)
+    x = np.random.default_rng(12).normal(size=(2, 3, 4, 2)).astype("float32")
+    params = [to_numpy(v) for v in adapter.trainable_weights]
+    frozen = [v.value for v in adapter.non_trainable_weights]
+
+    def loss(x, *params):
+        y, _ = adapter.stateless_call(list(params), frozen, x)
+        return ops.sum(ops.square(y))
+
+    def oracle(x, a, b, amp, logits):
+        delta = 2.0 * np_transfer(a @ b, amp, np_softplus(logits), grid)
+        return float(np.sum(np.square(np.einsum("btnh,nhd->btd", x, kernel + delta.reshape(4, 2, 5)))))
+
+    value, grads = value_and_grads(loss, [x] + params)
+    np.testing.assert_allclose(value, oracle(x, *params), rtol=1e-5)
+    for got, want in zip(grads, finite_differences(oracle, [x] + params)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_adapter_step_keeps_no_grid_sized_tensor(monkeypatch):
+    # Row blocks of 4 x 10 entries, (chunk, 4) grid temporaries.
+    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 40)
     layer = keras.layers.Dense(10, use_bias=False)
     layer.build((None, 12))
     adapter = SincLoRAAdapter(layer, rank=2, grid_size=64)
@@ -319,30 +404,40 @@ def test_adapter_step_keeps_no_grid_sized_tensor():
     assert size == 120
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="XLA buffer assignment is jax-only")
-def test_compiled_step_memory_does_not_grow_with_grid_size():
-    # An unrolled loop let XLA keep ~3 kernel-sized buffers per grid point
-    # live at once (measured); the loop keeps a constant handful.
+def compiled_temp_bytes(adapter_cls, **kwargs):
+    """XLA's temporary buffers for one training step of `x -> up -> down`
+    (kernels 64x256 and 256x64, both adapted), compiled, not run."""
     import jax
 
-    def temp_bytes(grid_size):
-        layer = keras.layers.Dense(48, use_bias=False)
-        layer.build((None, 64))
-        adapter = SincLoRAAdapter(layer, rank=2, grid_size=grid_size)
-        params = [v.value for v in adapter.trainable_weights]
-        frozen = [v.value for v in adapter.non_trainable_weights]
+    up = keras.layers.Dense(256, use_bias=False)
+    up.build((None, 64))
+    down = keras.layers.Dense(64, use_bias=False)
+    down.build((None, 256))
+    adapters = [adapter_cls(layer, rank=2, **kwargs) for layer in (up, down)]
+    params = [[v.value for v in a.trainable_weights] for a in adapters]
+    frozen = [[v.value for v in a.non_trainable_weights] for a in adapters]
 
-        def loss(params, x):
-            y, _ = adapter.stateless_call(list(params), frozen, x)
-            return ops.sum(ops.square(y))
+    def loss(params, x):
+        for adapter, trainable, fixed in zip(adapters, params, frozen):
+            x, _ = adapter.stateless_call(list(trainable), fixed, x)
+        return ops.sum(ops.square(x))
 
-        compiled = jax.jit(jax.grad(loss)).lower(params, np.ones((4, 64), "float32")).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+    compiled = jax.jit(jax.grad(loss)).lower(params, np.ones((8, 64), "float32")).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
-    kernel_bytes = 64 * 48 * 4
-    small, large = temp_bytes(4), temp_bytes(64)
-    assert large <= small + kernel_bytes
-    assert large <= 10 * kernel_bytes
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA buffer assignment is jax-only")
+def test_compiled_step_holds_one_merged_kernel_whatever_the_grid_size(monkeypatch):
+    # Blocks of 4096 entries (a kernel has 16384). LoRA's step needs no
+    # kernel-sized temporary; SincLoRA's needs one merged kernel at a time
+    # (measured: without the data dependency on x, XLA forms both merged
+    # kernels first, LoRA + 2.4 kernels).
+    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 4096)
+    kernel_bytes = 64 * 256 * 4
+    lora = compiled_temp_bytes(LoRAAdapter)
+    small, large = (compiled_temp_bytes(SincLoRAAdapter, grid_size=k) for k in (20, 100))
+    assert large <= small + kernel_bytes // 8
+    assert large <= lora + 1.75 * kernel_bytes
 
 
 # --------------------------------------------------------------------------
@@ -565,12 +660,13 @@ def test_rank_too_large_and_unsupported_equation_raise():
 @pytest.mark.parametrize("block_elements", [7, 24])
 def test_row_blocks_give_the_same_values_and_gradients(monkeypatch, block_elements):
     # The elementwise work runs on row blocks of about `_BLOCK_ELEMENTS`
-    # entries; the tests above use one block. Here: one row per block, and
-    # blocks of a few rows (ragged on torch/tensorflow, a divisor on jax).
-    from keras_adaptive_lora.adapters import sinc as sinc_module
-
+    # entries, and the grid sums on `(chunk, entries)` temporaries of at most
+    # as many entries; the tests above use one block. Here: one row (or one
+    # head) per block and single-entry temporaries, then a few of each.
     monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", block_elements)
     test_transfer_value_matches_numpy()
-    test_transfer_gradients_match_finite_differences()
+    check_transfer_gradients(7)
+    check_transfer_gradients(23)
     test_adapter_forward_and_gradients_match_numpy()
     test_dense_adapter_on_3d_input_matches_numpy_gradients()
+    test_attention_output_adapter_matches_numpy_gradients()

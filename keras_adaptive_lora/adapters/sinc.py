@@ -7,12 +7,21 @@ LR-LoRA paper, section 3.3.
 
 Memory: the forward pass forms `W + ΔW` once and runs one backbone-shaped
 einsum. The whole step "form `ΔW`, add it to `W`, project" is one
-`keras.ops.custom_gradient` whose backward pass recomputes what it needs from
-the small adapter parameters. `f` and its derivatives are accumulated with a
-`keras.ops.fori_loop` over the grid points, one `(d_in, d_out)` term at a time: no
-`(grid_size, d_in, d_out)` tensor exists in the forward or the backward pass,
-and nothing kernel-sized is kept between them (only the layer input, which
-every method keeps, and the frozen kernel, which is resident anyway).
+`keras.ops.custom_gradient` that keeps nothing kernel-sized for the backward
+pass (only the layer input, which every method keeps, and the frozen kernel,
+which is resident anyway). Everything elementwise runs on row blocks of the
+kernel's matrix view (about `_BLOCK_ELEMENTS` entries): the forward pass
+writes each block of `ΔW` into the merged kernel (in place on jax); the
+backward pass recomputes, block by block, `A_r B`, `f`, `f'` and `ΔW_r`
+from the small adapter parameters and produces `dL/dA_r`, `dL/dB`, the
+transfer parameters' gradients and the block's share of `dL/dx`
+(`dL/dx = g Wᵀ + Σ_r g ΔW_rᵀ`): no `(grid_size, d_in, d_out)` tensor and no
+second kernel-sized buffer exist in the forward or the backward pass.
+
+Speed: the grid points are evaluated in chunks of up to `_GRID_CHUNK` (a
+`(chunk, block)` tensor), so that the sums over the grid and over the block
+are small matmuls; on jax `sin`/`cos` come from a polynomial that XLA fuses
+into the loop (see `_sin_cos`).
 """
 
 import math
@@ -23,7 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod
+from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, check_quantization
 from keras_adaptive_lora.adapters.lora import check_alpha, check_positive_int, check_rank, lora_scale
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
@@ -33,191 +42,332 @@ _TAYLOR_BELOW = 0.05
 #: softplus(_UNIT_BANDWIDTH) = 1: the initial bandwidth logit.
 _UNIT_BANDWIDTH = math.log(math.e - 1.0)
 #: Elementwise work on a `(d_in, d_out)` matrix runs on row blocks of about
-#: this many entries (1 MiB in float32): the per-grid-point temporaries are
+#: this many entries (1 MiB in float32), and every `(chunk, entries)`
+#: temporary of the grid sum has at most this many entries: temporaries are
 #: block-sized, not kernel-sized, and stay in cache.
 _BLOCK_ELEMENTS = 1 << 18
+#: On jax, up to this many grid points are evaluated together (one
+#: `(chunk, entries)` tensor; the sums over them are small matmuls, which XLA
+#: runs far faster than one fused loop per grid point with full reductions).
+#: Eager backends (torch, and tensorflow's executor) gain nothing from it:
+#: one grid point at a time on whole blocks there.
+_GRID_CHUNK = 10
+#: π/2 split in three (Cody-Waite) for the argument reduction of `_sin_cos`:
+#: the first two parts have few significant bits, so `n · part` is exact for
+#: |n| < 2^15 (|t| < ~51000).
+_HALF_PI_PARTS = (1.5703125, 4.837512969970703125e-4, 7.54978995489188216e-8)
+#: Minimax polynomials on [-π/4, π/4] (Cephes `sinf`, `cosf`):
+#: sin r = r + r^3 (S0 + r^2 (S1 + r^2 S2)),
+#: cos r = 1 - r^2/2 + r^4 (C0 + r^2 (C1 + r^2 C2)).
+_SIN_COEFFICIENTS = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
+_COS_COEFFICIENTS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
 
 
 # --------------------------------------------------------------------------
-# The transfer function f, one grid point at a time
+# sin and cos
+# --------------------------------------------------------------------------
+def sin_cos_polynomial(t):
+    """`(sin t, cos t)` of a float32 tensor from multiplies, adds and selects.
+
+    Reduces `t = n π/2 + r` with `|r| <= π/4` (three-part π/2, exact for
+    `|t| <` about 51000) and evaluates minimax polynomials (Cephes
+    `sinf`/`cosf`); absolute error about 1e-7, like float32 `sin`/`cos`.
+    """
+    n = ops.round(ops.multiply(t, 2.0 / math.pi))
+    r = t
+    for part in _HALF_PI_PARTS:
+        r = ops.subtract(r, ops.multiply(n, part))
+    r2 = ops.square(r)
+    s0, s1, s2 = _SIN_COEFFICIENTS
+    c0, c1, c2 = _COS_COEFFICIENTS
+    sin_r = r + r * r2 * (s0 + r2 * (s1 + r2 * s2))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (c0 + r2 * (c1 + r2 * c2))
+    # Quadrant n mod 4: sin t = (sin r, cos r, -sin r, -cos r)[n mod 4],
+    # cos t = (cos r, -sin r, -cos r, sin r)[n mod 4].
+    quadrant = ops.subtract(n, ops.multiply(ops.floor(ops.multiply(n, 0.25)), 4.0))
+    odd = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 3.0))
+    sin_t = ops.where(odd, cos_r, sin_r)
+    cos_t = ops.where(odd, sin_r, cos_r)
+    sin_t = ops.where(ops.greater_equal(quadrant, 2.0), ops.negative(sin_t), sin_t)
+    flip_cos = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 2.0))
+    cos_t = ops.where(flip_cos, ops.negative(cos_t), cos_t)
+    return sin_t, cos_t
+
+
+def _sin_cos(t, with_cos=True):
+    """`(sin t, cos t)` (`cos t` is `None` unless `with_cos`).
+
+    On jax, `sin_cos_polynomial`: XLA fuses its ~30 multiplies and adds into
+    the loop body, while XLA's CPU `sin`/`cos` (jax 0.10) cost about 10x the
+    whole polynomial (measured: 9 ns against 0.8 ns per element). Elsewhere
+    `ops.sin`/`ops.cos`, one vectorized kernel each (the polynomial would be
+    ~30 eager ops).
+    """
+    if keras.backend.backend() == "jax":
+        sin_t, cos_t = sin_cos_polynomial(t)
+        return sin_t, (cos_t if with_cos else None)
+    return ops.sin(t), (ops.cos(t) if with_cos else None)
+
+
+# --------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------
+def _take(x, axis, start, length):
+    """`x[..., start : start + length, ...]` along `axis` (`start` may be traced)."""
+    if isinstance(start, int):
+        if (start, length) == (0, x.shape[axis]):
+            return x
+        index = [slice(None)] * len(x.shape)
+        index[axis] = slice(start, start + length)
+        return x[tuple(index)]
+    starts = [0] * len(x.shape)
+    starts[axis] = start
+    sizes = list(x.shape)
+    sizes[axis] = length
+    return ops.slice(x, starts, sizes)
+
+
+class _Output:
+    """An output assembled from per-block pieces along `axis`.
+
+    Block `[start, start + length)` covers `[start · unit, (start + length) ·
+    unit)` of the axis. `init` (optional) is added: the result is `init +`
+    the pieces.
+    """
+
+    def __init__(self, shape, axis, *, unit=1, init=None, dtype="float32"):
+        self.shape, self.axis, self.unit, self.init, self.dtype = shape, axis, unit, init, dtype
+
+    def initial(self):
+        return self.init if self.init is not None else ops.zeros(self.shape, self.dtype)
+
+    def update(self, full, start, piece):
+        """`full` with the piece of the block at `start` written (added) in place."""
+        starts = [0] * len(full.shape)
+        starts[self.axis] = start * self.unit
+        if self.init is not None:
+            piece = ops.add(ops.slice(full, starts, piece.shape), piece)
+        return ops.slice_update(full, starts, piece)
+
+    def with_init(self, start, piece):
+        """The piece plus the matching block of `init` (eager assembly)."""
+        if self.init is None:
+            return piece
+        return ops.add(_take(self.init, self.axis, start * self.unit, int(piece.shape[self.axis])), piece)
+
+
+def _even_step(total, step):
+    """A divisor of `total` in `[step / 2, step]` if there is one (no shorter
+    last block to compile separately), else `step`."""
+    return next((d for d in range(step, step // 2, -1) if total % d == 0), step)
+
+
+def _blocked(total, step, body, outputs=(), sums=()):
+    """Run `body(start, length) -> (pieces, partial_sums)` over blocks of `range(total)`.
+
+    Blocks are `[start, start + length)`, `length = step` except for a
+    shorter last one. Each piece is written into its output (`_Output`), the
+    partial sums are added up (zeros of the shapes in `sums` to start).
+
+    On jax the full-length blocks run in one `fori_loop` that writes the
+    outputs in place (`slice_update` of the loop carry: XLA reuses the
+    buffer), then the shorter last block. Elsewhere a Python loop collects
+    the pieces and concatenates them once (`slice_update` copies the whole
+    tensor on torch and is an XLA-only op on tensorflow).
+
+    Returns:
+        `(outputs, sums)`, two tuples of tensors.
+    """
+    step = _even_step(total, max(1, min(step, total)))
+    count, tail = divmod(total, step)
+    if keras.backend.backend() == "jax":
+
+        def run(start, length, carry):
+            fulls, totals = carry
+            pieces, partials = body(start, length)
+            fulls = tuple(o.update(f, start, p) for o, f, p in zip(outputs, fulls, pieces))
+            totals = tuple(ops.add(t, p) for t, p in zip(totals, partials))
+            return fulls, totals
+
+        carry = (tuple(o.initial() for o in outputs), tuple(ops.zeros(s, "float32") for s in sums))
+        if count == 1:
+            carry = run(0, step, carry)
+        else:
+            carry = ops.fori_loop(0, count, lambda i, c: run(i * step, step, c), carry)
+        if tail:
+            carry = run(count * step, tail, carry)
+        return carry
+    collected = [[] for _ in outputs]
+    totals = [None] * len(sums)
+    for start in range(0, total, step):
+        pieces, partials = body(start, min(step, total - start))
+        for output, pieces_so_far, piece in zip(outputs, collected, pieces):
+            pieces_so_far.append(output.with_init(start, piece))
+        totals = [p if t is None else ops.add(t, p) for t, p in zip(totals, partials)]
+        del pieces, partials
+    fulls = []
+    for output, pieces in zip(outputs, collected):
+        fulls.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=output.axis))
+        pieces.clear()
+    return tuple(fulls), tuple(totals)
+
+
+# --------------------------------------------------------------------------
+# The transfer function f, a chunk of grid points at a time
 # --------------------------------------------------------------------------
 def sinc_grid(grid_size, grid_range):
     """The fixed grid: `grid_size` uniformly spaced points on `[-grid_range, grid_range]`."""
     return [float(g) for g in np.linspace(-grid_range, grid_range, grid_size)]
 
 
-def _grid_tensor(grid):
-    return ops.convert_to_tensor(np.asarray(grid, dtype="float32"))
+def _grid_chunk(size):
+    """Grid points per chunk: up to `_GRID_CHUNK` on jax (evenly split), else 1."""
+    if keras.backend.backend() != "jax":
+        return 1
+    count = -(-size // _GRID_CHUNK)
+    return -(-size // count)
 
 
-def _row_blocks(rows, cols):
-    """`(start, stop)` row ranges of about `_BLOCK_ELEMENTS` entries each."""
-    step = max(1, min(rows, _BLOCK_ELEMENTS // max(1, cols)))
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+class _Coefficients:
+    """The per-grid-point coefficients, padded to whole chunks, `(count, chunk)` each.
 
-
-def _even_block_rows(rows, cols):
-    """The largest divisor of `rows` giving blocks of at most `_BLOCK_ELEMENTS` entries."""
-    target = max(1, min(rows, _BLOCK_ELEMENTS // max(1, cols)))
-    return next(step for step in range(target, 0, -1) if rows % step == 0)
-
-
-def _rows(x, start, length):
-    """Rows `start : start + length` of a 2-D tensor (`start` may be traced)."""
-    if isinstance(start, int) and (start, length) == (0, int(x.shape[0])):
-        return x
-    return ops.slice(x, (start, 0), (length, int(x.shape[1])))
-
-
-def _over_row_blocks(rows, cols, body, row_widths, sum_shapes, before_stack=None, row_init=None):
-    """Run `body(start, length) -> (row_outputs, sum_outputs)` over row blocks.
-
-    Row outputs (`(length, width)` each) are stacked back to `(rows, width)`;
-    sum outputs are added up. On jax the blocks run in a `fori_loop` writing
-    into preallocated outputs, so XLA executes them one after the other (an
-    unrolled loop lets its CPU runtime run independent blocks concurrently,
-    each with its own buffers); elsewhere a Python loop and one concatenation
-    (`slice_update` copies on torch), after calling `before_stack` (to drop
-    what only the blocks needed before the stacked outputs are allocated).
-    `row_init`: the loop's initial full-size row outputs on jax (default
-    zeros; every row is overwritten, so only its buffer matters).
+    Padding points have amplitude 0 (they add nothing; their gradients are
+    dropped). `amplitudes` may carry the update's scale (folded in).
     """
-    if keras.backend.backend() == "jax":
-        step = _even_block_rows(rows, cols)
-        if rows // step > 1:
 
-            def loop_body(i, carry):
-                row_acc, sum_acc = carry
-                start = i * step
-                row_out, sum_out = body(start, step)
-                row_acc = tuple(ops.slice_update(acc, (start, 0), o) for acc, o in zip(row_acc, row_out))
-                sum_acc = tuple(ops.add(acc, o) for acc, o in zip(sum_acc, sum_out))
-                return row_acc, sum_acc
+    def __init__(self, grid, amplitudes, bandwidths):
+        self.size = len(grid)
+        self.chunk = _grid_chunk(self.size)
+        self.count = -(-self.size // self.chunk)
+        self.amplitudes = amplitudes
+        pi_b = ops.multiply(bandwidths, math.pi)
+        self.grid = self._chunked(ops.convert_to_tensor(np.asarray(grid, "float32")), 0.0)
+        self.pi_b = self._chunked(pi_b, math.pi)
+        self.amp = self._chunked(amplitudes, 0.0)
+        self.slope = self._chunked(ops.multiply(pi_b, amplitudes), 0.0)
 
-            init = (
-                tuple(ops.zeros((rows, w), "float32") for w in row_widths)
-                if row_init is None
-                else tuple(row_init),
-                tuple(ops.zeros(s, "float32") for s in sum_shapes),
-            )
-            return ops.fori_loop(0, rows // step, loop_body, init)
-    row_lists = [[] for _ in row_widths]
-    sums = [None] * len(sum_shapes)
-    for start, stop in _row_blocks(rows, cols):
-        row_out, sum_out = body(start, stop - start)
-        for out, o in zip(row_lists, row_out):
-            out.append(o)
-        sums = [o if acc is None else ops.add(acc, o) for acc, o in zip(sums, sum_out)]
-        del row_out, sum_out
-    if before_stack is not None:
-        before_stack()
-    stacked = []
-    for out in row_lists:
-        stacked.append(out[0] if len(out) == 1 else ops.concatenate(out, axis=0))
-        out.clear()
-    return tuple(stacked), tuple(sums)
+    def _chunked(self, values, fill):
+        pad = self.chunk * self.count - self.size
+        if pad:
+            values = ops.concatenate([values, ops.full((pad,), fill, "float32")])
+        return ops.reshape(values, (self.count, self.chunk))
+
+    def column(self, coefficients, j):
+        """Chunk `j` of `coefficients` as a `(chunk, 1)` column."""
+        return ops.reshape(ops.take(coefficients, j, axis=0), (self.chunk, 1))
+
+    def combine(self, coefficients, j, terms):
+        """`Σ_k c_k terms_k` over chunk `j`: `(chunk, m)` terms -> `(1, m)`."""
+        if self.chunk == 1:
+            return ops.multiply(self.column(coefficients, j), terms)
+        row = ops.reshape(ops.take(coefficients, j, axis=0), (1, self.chunk))
+        return ops.matmul(row, terms)
+
+    def reduce(self, j, terms, upstream):
+        """`Σ_i terms_ki upstream_i` per grid point of chunk `j`, placed in
+        row `j` of a `(count, chunk)` matrix of zeros.
+
+        `upstream` is `(1, m)`. A matmul when chunk > 1 (XLA then computes
+        the terms once, not once per consumer); one grid point: a dot of
+        vectors (torch runs a `(1, m) @ (m, 1)` matmul ~10x slower).
+        """
+        if self.chunk == 1:
+            sums = ops.dot(ops.reshape(terms, (-1,)), ops.reshape(upstream, (-1,)))
+        else:
+            sums = ops.matmul(terms, ops.transpose(upstream))
+        here = ops.reshape(ops.cast(ops.equal(ops.arange(self.count), j), "float32"), (self.count, 1))
+        return ops.multiply(here, ops.reshape(sums, (1, self.chunk)))
+
+    def sum_shape(self):
+        return (self.count, self.chunk)
+
+    def unpad(self, sums):
+        return ops.reshape(sums, (-1,))[: self.size]
 
 
-def _sinc_value(t):
-    """`sin(t) / t`, exactly 1 at `t = 0` (the 0/0 there is discarded)."""
-    return ops.where(ops.equal(t, 0.0), 1.0, ops.divide(ops.sin(t), t))
+def _loop(count, body, carry):
+    """`body(j, carry)` for `j` in `range(count)`; no loop at all for one chunk."""
+    return body(0, carry) if count == 1 else ops.fori_loop(0, count, body, carry)
 
 
-def _transfer_value(x, amplitudes, bandwidths, grid):
-    """`f(x) = Σ_k a_k sinc(b_k (x − g_k))`, accumulated over the grid points.
+def _transfer_values(p, coef):
+    """`f(p)` of a flat float32 vector `p` (the scale folded into `coef`)."""
 
-    `x` is 2-D; the sum runs on row blocks (see `_BLOCK_ELEMENTS`), so every
-    per-grid-point temporary is block-sized; only the result is x-sized.
-    `ops.fori_loop`, not a Python loop over grid points: an unrolled loop lets
-    XLA schedule all grid points' terms at once; a loop keeps one iteration's
-    buffers at a time. Per grid point: 8 block-sized ops.
-    """
-    grid = _grid_tensor(grid)
-    size = int(grid.shape[0])
-    pi_b = math.pi * bandwidths
+    def sub_block(start, length):
+        pb = ops.reshape(_take(p, 0, start, length), (1, length))
 
-    def block_value(xb):
-        def body(k, out):
-            t = ops.multiply(ops.subtract(xb, ops.take(grid, k)), ops.take(pi_b, k))
-            return ops.add(out, ops.multiply(ops.take(amplitudes, k), _sinc_value(t)))
+        def body(j, value):
+            t = ops.multiply(ops.subtract(pb, coef.column(coef.grid, j)), coef.column(coef.pi_b, j))
+            sin_t, _ = _sin_cos(t, with_cos=False)
+            # sinc(0) = 1; the 0/0 there is discarded.
+            terms = ops.where(ops.equal(t, 0.0), 1.0, ops.divide(sin_t, t))
+            return ops.add(value, coef.combine(coef.amp, j, terms))
 
-        return ops.fori_loop(0, size, body, ops.zeros_like(xb))
+        value = _loop(coef.count, body, ops.zeros((1, length), "float32"))
+        return (ops.reshape(value, (length,)),), ()
 
-    rows, cols = int(x.shape[0]), int(x.shape[1])
-    (value,), _ = _over_row_blocks(
-        rows, cols, lambda s, n: ((block_value(_rows(x, s, n)),), ()), (cols,), ()
-    )
+    m = int(p.shape[0])
+    (value,), _ = _blocked(m, _BLOCK_ELEMENTS // coef.chunk, sub_block, (_Output((m,), 0),))
     return value
 
 
-def _block_vjp(xb, upstream, amplitudes, bandwidths, grid, with_value):
-    """One row block: `(f(x), df/dx, Σ upstream·df/da, Σ upstream·df/db)`.
+def _transfer_terms(p, upstream, coef, with_value):
+    """`f(p)`, `f'(p)` and the gradients of `sum(upstream · f(p))` w.r.t. `a`, `b`.
 
-    With `t = π b_k (x − g_k)`, `v = sinc = sin(t)/t` and `q = dv/dt =
+    With `t = π b_k (p − g_k)`, `v = sinc = sin(t)/t` and `q = dv/dt =
     (cos t − v)/t` (Taylor series for |t| < `_TAYLOR_BELOW`):
-    `df/dx = Σ_k a_k π b_k q`, `df/da_k = v`, `df/db_k = a_k π (x − g_k) q`.
-    `f(x)` is accumulated too when `with_value` (else `None`).
-    """
-    size = int(grid.shape[0])
-    positions = ops.arange(size)
-    slope_coef = (math.pi * amplitudes) * bandwidths
-    band_coef = math.pi * amplitudes
-    pi_b = math.pi * bandwidths
+    `f' = Σ_k a_k π b_k q`, `df/da_k = v`, `df/db_k = a_k π (p − g_k) q`.
 
-    def body(k, carry):
-        # Temporaries are dropped as soon as used (torch eager frees on the
-        # last reference): about five block-sized buffers live at a time.
-        value_sum, slope_sum, grad_a, grad_b = carry
-        d = ops.subtract(xb, ops.take(grid, k))
-        t = ops.multiply(d, ops.take(pi_b, k))
-        small = ops.less(ops.abs(t), _TAYLOR_BELOW)
-        t2 = ops.square(t)
-        # 1 - t^2/6 (+ t^4/120 < 6e-8 below the threshold), and its t-derivative.
-        value = ops.where(small, ops.subtract(1.0, ops.multiply(t2, 1.0 / 6.0)), ops.divide(ops.sin(t), t))
-        series = ops.multiply(t, ops.subtract(ops.multiply(t2, 1.0 / 30.0), 1.0 / 3.0))
-        del t2
-        closed = ops.divide(ops.subtract(ops.cos(t), value), t)
-        del t
-        slope = ops.where(small, series, closed)
-        del small, series, closed
-        here = ops.cast(ops.equal(positions, k), xb.dtype)
-        grad_a = ops.add(grad_a, here * ops.sum(ops.multiply(upstream, value)))
-        if with_value:
-            value_sum = ops.add(value_sum, ops.multiply(value, ops.take(amplitudes, k)))
-        del value
-        grad_b = ops.add(
-            grad_b,
-            here * (ops.take(band_coef, k) * ops.sum(ops.multiply(ops.multiply(upstream, d), slope))),
+    Args:
+        p: flat float32 vector.
+        upstream: same shape.
+        coef: `_Coefficients`.
+        with_value: also return `f(p)` (else `None`).
+
+    Returns:
+        `(value, slope, grad_amplitudes, grad_bandwidths)`; the last two of
+        the unpadded grid size.
+    """
+
+    def sub_block(start, length):
+        pb = ops.reshape(_take(p, 0, start, length), (1, length))
+        ub = ops.reshape(_take(upstream, 0, start, length), (1, length))
+
+        def body(j, carry):
+            value, slope, grad_a, grad_b = carry
+            d = ops.subtract(pb, coef.column(coef.grid, j))
+            t = ops.multiply(d, coef.column(coef.pi_b, j))
+            sin_t, cos_t = _sin_cos(t)
+            t2 = ops.square(t)
+            small = ops.less(t2, _TAYLOR_BELOW**2)
+            inverse = ops.divide(1.0, ops.where(small, 1.0, t))
+            # 1 - t^2/6 (+ t^4/120 < 6e-8 below the threshold), and its t-derivative.
+            v = ops.where(small, 1.0 - t2 * (1.0 / 6.0), ops.multiply(sin_t, inverse))
+            q = ops.where(small, t * (t2 * (1.0 / 30.0) - 1.0 / 3.0), (cos_t - v) * inverse)
+            if with_value:
+                value = ops.add(value, coef.combine(coef.amp, j, v))
+            slope = ops.add(slope, coef.combine(coef.slope, j, q))
+            grad_a = ops.add(grad_a, coef.reduce(j, v, ub))
+            grad_b = ops.add(grad_b, coef.reduce(j, ops.multiply(d, q), ub))
+            return value, slope, grad_a, grad_b
+
+        zeros = ops.zeros(coef.sum_shape(), "float32")
+        row = ops.zeros((1, length), "float32")
+        value, slope, grad_a, grad_b = _loop(
+            coef.count, body, (row if with_value else ops.zeros((), "float32"), row, zeros, zeros)
         )
-        del d
-        slope_sum = ops.add(slope_sum, ops.multiply(slope, ops.take(slope_coef, k)))
-        return value_sum, slope_sum, grad_a, grad_b
+        pieces = (ops.reshape(slope, (length,)),)
+        if with_value:
+            pieces = (ops.reshape(value, (length,)),) + pieces
+        return pieces, (grad_a, grad_b)
 
-    zeros = ops.zeros((size,), xb.dtype)
-    value0 = ops.zeros_like(xb) if with_value else ops.zeros((), xb.dtype)
-    value_sum, slope_sum, grad_a, grad_b = ops.fori_loop(
-        0, size, body, (value0, ops.zeros_like(xb), zeros, zeros)
-    )
-    return (value_sum if with_value else None), slope_sum, grad_a, grad_b
-
-
-def _transfer_vjp(x, amplitudes, bandwidths, grid, upstream):
-    """Gradients of `sum(upstream * f(x))` w.r.t. `x`, `amplitudes`, `bandwidths`.
-
-    One grid point at a time, on row blocks: a few block-sized buffers, whatever
-    the grid size; only the result `upstream · df/dx` is x-sized.
-    """
-    grid = _grid_tensor(grid)
-    rows, cols = int(x.shape[0]), int(x.shape[1])
-    size = int(grid.shape[0])
-
-    def body(start, length):
-        up = _rows(upstream, start, length)
-        _, slope, ga, gb = _block_vjp(_rows(x, start, length), up, amplitudes, bandwidths, grid, False)
-        return (ops.multiply(up, slope),), (ga, gb)
-
-    (grad_x,), (grad_a, grad_b) = _over_row_blocks(rows, cols, body, (cols,), ((size,), (size,)))
-    return grad_x, grad_a, grad_b
+    m = int(p.shape[0])
+    outputs = (_Output((m,), 0),) * (2 if with_value else 1)
+    sums = (coef.sum_shape(),) * 2
+    pieces, (grad_a, grad_b) = _blocked(m, _BLOCK_ELEMENTS // coef.chunk, sub_block, outputs, sums)
+    value, slope = pieces if with_value else (None,) + pieces
+    grad_b = ops.multiply(coef.unpad(grad_b), ops.multiply(coef.amplitudes, math.pi))
+    return value, slope, coef.unpad(grad_a), grad_b
 
 
 def _read(variable):
@@ -232,14 +382,18 @@ def _upstream(args, upstream):
     return args[0] if upstream is None else upstream
 
 
+def _flat(x):
+    return ops.reshape(x, (-1,))
+
+
 def sinc_transfer(x, amplitudes, bandwidths, grid):
     """The LR-LoRA transfer function `f(x) = Σ_k a_k sinc(b_k (x − g_k))`, elementwise.
 
     Memory-safe and differentiable in `x`, `amplitudes` and `bandwidths`: the
-    sum is accumulated one grid point at a time and the backward pass
-    recomputes the per-grid-point terms, so no `(len(grid),) + x.shape` tensor
-    is ever formed and nothing but the inputs is kept for the backward pass.
-    `sinc(0) = 1`, with finite value and gradient there.
+    sum is accumulated a few grid points at a time on blocks of `x`, and the
+    backward pass recomputes the terms, so no `(len(grid),) + x.shape`
+    tensor is ever formed and nothing but the inputs is kept for the backward
+    pass. `sinc(0) = 1`, with finite value and gradient there.
 
     Args:
         x: a float tensor of any shape.
@@ -264,28 +418,43 @@ def sinc_transfer(x, amplitudes, bandwidths, grid):
 
     @ops.custom_gradient
     def transfer(x, amplitudes, bandwidths):
-        # Row blocks of a 2-D view of x (a view, not a copy, for contiguous x).
         shape = tuple(x.shape)
-        x2 = ops.reshape(x, (-1, shape[-1]) if shape else (1, 1))
+        coef = _Coefficients(grid, amplitudes, bandwidths)
 
         def grad(*args, upstream=None):
-            upstream = ops.reshape(_upstream(args, upstream), x2.shape)
-            grad_x, grad_a, grad_b = _transfer_vjp(x2, amplitudes, bandwidths, grid, upstream)
-            return ops.reshape(grad_x, shape), grad_a, grad_b
+            upstream = _flat(_upstream(args, upstream))
+            _, slope, grad_a, grad_b = _transfer_terms(_flat(x), upstream, coef, False)
+            return ops.reshape(ops.multiply(upstream, slope), shape), grad_a, grad_b
 
-        return ops.reshape(_transfer_value(x2, amplitudes, bandwidths, grid), shape), grad
+        return ops.reshape(_transfer_values(_flat(x), coef), shape), grad
 
     return transfer(*(ops.cast(t, "float32") for t in (x, amplitudes, bandwidths)))
 
 
+def _data_dependency(x):
+    """A float32 zero computed from `x`'s data (jax only; see `_merged_projection`)."""
+    first = ops.reshape(ops.slice(_flat(x), (0,), (1,)), ())
+    return ops.multiply(ops.cast(ops.isnan(first), "float32"), 0.0)
+
+
 # --------------------------------------------------------------------------
-# Projection with a full kernel, and its two vector-Jacobian products
+# Projection with a full kernel, and with blocks of it
 # --------------------------------------------------------------------------
 class _Projection:
-    """`y = x K` for a layer's equation, with the products the backward needs."""
+    """`y = x K` for a layer's equation, and the products of the backward
+    pass with one row block of the kernel's matrix view at a time.
+
+    A block is a slice of the kernel along its first contracted axis
+    (`view.in_axes[0]`): `length` indices there are `length · rest`
+    consecutive rows of the `(d_in, d_out)` matrix view.
+    """
 
     def __init__(self, view, layer_name):
         self.view = view
+        self.axis = view.in_axes[0]
+        self.size = view.kernel_shape[self.axis]
+        self.rest = view.d_in // self.size
+        self.identity = view.perm == tuple(range(len(view.perm)))
         if view.equation is None:
             return
         inputs, self.out = view.equation.replace(" ", "").split("->")
@@ -299,6 +468,10 @@ class _Projection:
                 "equations. Exclude this layer from the targets."
             )
 
+    def block_length(self):
+        """Indices along the block axis per row block (about `_BLOCK_ELEMENTS` entries)."""
+        return max(1, _BLOCK_ELEMENTS // (self.rest * self.view.d_out))
+
     def _explicit(self, ndim):
         """The equation's specs with any ellipsis spelled out for an input of rank `ndim`."""
         lhs, ker, out = self.lhs, self.ker, self.out
@@ -309,24 +482,55 @@ class _Projection:
             lhs, out = lhs.replace("...", fill), out.replace("...", fill)
         return lhs, ker, out
 
+    def input_axis(self, ndim):
+        """The axis of the layer input that the block axis contracts with."""
+        if self.view.equation is None:
+            return ndim - 1
+        lhs, ker, _ = self._explicit(ndim)
+        return lhs.index(ker[self.axis])
+
+    def to_kernel(self, rows, length):
+        """Matrix-view rows `(length · rest, d_out)` -> the kernel block (layer layout)."""
+        view = self.view
+        shaped = ops.reshape(rows, (length,) + view.in_dims[1:] + view.out_dims)
+        return shaped if self.identity else ops.transpose(shaped, view.inverse_perm)
+
     def forward(self, x, kernel):
         return self.view.project(x, kernel)
 
     def grad_input(self, x, kernel, upstream):
+        """`d sum(upstream · y) / dx` for a full kernel."""
         if self.view.equation is None:
+            if keras.backend.backend() == "jax":
+                # Contract in place: XLA folds `transpose(W)` of a constant
+                # kernel (one closed over by a jitted function) into a second
+                # kernel-sized constant.
+                return ops.tensordot(upstream, kernel, axes=([len(upstream.shape) - 1], [1]))
             return ops.matmul(upstream, ops.transpose(kernel))
         lhs, ker, out = self._explicit(len(x.shape))
         return ops.einsum(f"{out},{ker}->{lhs}", upstream, kernel)
 
-    def grad_kernel_matrix(self, x, upstream):
-        """`d sum(upstream * y) / d K` as a `(d_in, d_out)` matrix."""
+    def grad_input_block(self, x, upstream, block):
+        """The part of `dL/dx` through a kernel block: `length` entries of the input axis."""
+        if self.view.equation is None:
+            g2 = ops.reshape(upstream, (-1, self.view.d_out))
+            piece = ops.matmul(g2, ops.transpose(block))
+            return ops.reshape(piece, tuple(ops.shape(x)[:-1]) + (int(block.shape[0]),))
+        lhs, ker, out = self._explicit(len(x.shape))
+        return ops.einsum(f"{out},{ker}->{lhs}", upstream, block)
+
+    def grad_kernel_block(self, x, upstream, start, length):
+        """Rows of `dL/dK` (matrix view) for the block at `start`: `(length · rest, d_out)`."""
         view = self.view
         if view.equation is None:
-            x2 = ops.reshape(x, (-1, view.d_in))
+            x2 = _take(ops.reshape(x, (-1, view.d_in)), 1, start, length)
             g2 = ops.reshape(upstream, (-1, view.d_out))
             return ops.matmul(ops.transpose(x2), g2)
         lhs, ker, out = self._explicit(len(x.shape))
-        return view.to_matrix(ops.einsum(f"{lhs},{out}->{ker}", x, upstream))
+        block = ops.einsum(f"{lhs},{out}->{ker}", _take(x, lhs.index(ker[self.axis]), start, length), upstream)
+        if not self.identity:
+            block = ops.transpose(block, view.perm)
+        return ops.reshape(block, (length * self.rest, view.d_out))
 
 
 # --------------------------------------------------------------------------
@@ -368,6 +572,10 @@ class SincLoRAAdapter(AdapterLayer):
     layer's compute dtype for the einsum. The backward pass recomputes
     `A B`, `f` and the merged kernel from the small parameters instead of
     keeping them, and accumulates the grid sums one grid point at a time.
+
+    On a base quantized with Keras's int8 (`model.quantize("int8")`) the
+    kernel is never dequantized per step: the base runs its own int8 call and
+    the adapter adds `x ΔW`, with `ΔW` formed once per call.
 
     Args:
         layer: the built `Dense`/`EinsumDense` to wrap.
@@ -418,6 +626,12 @@ class SincLoRAAdapter(AdapterLayer):
 
     def call(self, inputs, training=None, **kwargs):
         base = self.wrapped
+        if check_quantization(base) is not None:
+            # Quantized base (Keras int8): never dequantize-and-merge per step.
+            # The base runs its own int8 kernel and the update adds
+            # `x · ΔW`, with `ΔW = s f(A B)` formed once per call (the
+            # memory-safe `sinc_transfer`): `AdapterLayer.call`.
+            return super().call(inputs, training=training, **kwargs)
         y = self._merged_projection(
             ops.cast(inputs, self.compute_dtype),
             _read(base.kernel),
@@ -433,134 +647,86 @@ class SincLoRAAdapter(AdapterLayer):
     def _merged_projection(self, inputs, kernel, lora_a, lora_b, amplitudes, bandwidths):
         """`x (W + s f(A B))` as one custom-gradient op that keeps nothing kernel-sized.
 
-        `f(A B)` is formed on row blocks of `A` (each block's product `A_r B`
-        and all per-grid-point temporaries are block-sized); the scale `s` is
-        folded into the amplitudes. Kernel-sized buffers: in the forward, the
-        merged kernel (plus, on torch/tensorflow, its row blocks while they are
-        concatenated); in the backward, `G = dL/dΔW` while the merged kernel's
-        rows are formed, then the merged kernel. (For a kernel whose matrix
-        view needs a transpose, e.g. Gemma's query, `ΔW` and the merged kernel
-        are separate buffers.)
+        Row blocks of the kernel's matrix view (`_Projection`); the scale `s`
+        is folded into the amplitudes. Forward: each block's `A_r B` and `f`
+        are block-sized; `ΔW_r` is added into the merged kernel, which on jax
+        is the only kernel-sized buffer (written in place over a copy of `W`);
+        on torch/tensorflow the blocks `W_r + ΔW_r` are concatenated once (two
+        kernels for that moment). Backward: per block `G_r = dL/dΔW_r`,
+        `A_r B`, `f`, `f'` and `ΔW_r` (all block-sized) give `dL/dA_r`,
+        `dL/dB`, the transfer parameters' gradients and the block's share of
+        `dL/dx`: on jax `g ΔW_rᵀ`, added in place onto `g Wᵀ` (the frozen
+        kernel: no merged one, and no kernel read inside a loop, which XLA
+        would copy when the kernel is a compile-time constant); elsewhere
+        `g (W_r + ΔW_r)ᵀ`, the pieces concatenated once (adding `g Wᵀ`
+        afterwards would hold a third input-sized buffer).
         """
-        view, projection, grid, scale = self.view, self._projection, self.grid, self.scale
+        projection, grid, scale = self._projection, self.grid, self.scale
         compute_dtype = self.compute_dtype
-        grid_tensor = _grid_tensor(grid)
-
-        d_in, d_out, rank, size = view.d_in, view.d_out, self.lora_rank, len(grid)
-
-        # A Dense-like kernel is its own matrix view (a reshape, no copy): the
-        # blocks then produce rows of the merged kernel `W + ΔW` directly,
-        # written over a copy of `W` on jax, and no separate `ΔW` exists.
-        in_place = view.perm == tuple(range(len(view.perm)))
-
-        def kernel_rows(kernel, start, length, value):
-            if not in_place:
-                return value
-            rows = _rows(ops.reshape(kernel, (d_in, d_out)), start, length)
-            return ops.add(ops.cast(rows, "float32"), value)
-
-        def merged_kernel(kernel, rows_out):
-            if in_place:
-                full = ops.reshape(rows_out, tuple(kernel.shape))
-            else:
-                full = ops.add(ops.cast(kernel, "float32"), view.from_matrix(rows_out))
-            return ops.cast(full, compute_dtype)
-
-        def row_init(kernel):
-            if not in_place:
-                return None
-            return (ops.reshape(ops.cast(kernel, "float32"), (d_in, d_out)),)
+        rows = projection.rest
+        shape = (self.view.d_in, self.lora_rank), (self.lora_rank, self.view.d_out)
 
         @ops.custom_gradient
         def project(x, kernel, lora_a, lora_b, amplitudes, bandwidths):
-            scaled = ops.multiply(amplitudes, scale)
+            coef = _Coefficients(grid, ops.multiply(amplitudes, scale), bandwidths)
+            step = projection.block_length()
+            in_place = keras.backend.backend() == "jax"
 
-            def dense_grad(x, upstream):
-                # A Dense kernel: everything per row block of the kernel, i.e.
-                # per column block of the 2-D input. `G_r = x_r^T g` and the
-                # merged rows `W_r + ΔW_r` are block-sized; `dL/dx` is
-                # assembled from `g (W_r + ΔW_r)^T`. Nothing kernel-sized.
-                x2 = ops.reshape(x, (-1, d_in))
-                g2 = ops.reshape(upstream, (-1, d_out))
-                n = int(x2.shape[0])
-
-                def block(start, length):
-                    a_r = _rows(lora_a, start, length)
-                    x_r = ops.slice(x2, (0, start), (n, length))
-                    g_r = ops.cast(ops.matmul(ops.transpose(x_r), g2), "float32")
-                    del x_r
-                    value, slope, ga, gb = _block_vjp(
-                        ops.matmul(a_r, lora_b), g_r, scaled, bandwidths, grid_tensor, True
-                    )
-                    grad_product = ops.multiply(g_r, slope)
-                    del slope, g_r
-                    grad_a = ops.matmul(grad_product, ops.transpose(lora_b))
-                    grad_b = ops.matmul(ops.transpose(a_r), grad_product)
-                    del grad_product
-                    merged_rows = ops.cast(kernel_rows(kernel, start, length, value), compute_dtype)
-                    del value
-                    # (length, n): rows of dL/dx transposed.
-                    grad_x_t = ops.cast(ops.matmul(merged_rows, ops.transpose(g2)), "float32")
-                    return (grad_x_t, grad_a), (grad_b, ga, gb)
-
-                (grad_x_t, grad_a), sums = _over_row_blocks(
-                    d_in, d_out, block, (n, rank), ((rank, d_out), (size,), (size,))
-                )
-                grad_x = ops.reshape(ops.transpose(ops.cast(grad_x_t, x.dtype)), tuple(x.shape))
-                return grad_x, grad_a, sums
+            def product_rows(start, length):
+                a_r = _take(lora_a, 0, start * rows, length * rows)
+                return a_r, ops.matmul(a_r, lora_b)
 
             def grad(*args, upstream=None):
                 upstream = _upstream(args, upstream)
-                if view.equation is None:
-                    grad_x, grad_a, (grad_b, grad_amplitudes, grad_bandwidths) = dense_grad(x, upstream)
-                    grad_amplitudes = ops.multiply(grad_amplitudes, scale)
-                    return grad_x, None, grad_a, grad_b, grad_amplitudes, grad_bandwidths
-                # `G = dL/dΔW`, kernel-sized; dropped before the update's
-                # blocks are stacked.
-                held = [ops.cast(projection.grad_kernel_matrix(x, upstream), "float32")]
 
                 def block(start, length):
-                    a_r, g_r = _rows(lora_a, start, length), _rows(held[0], start, length)
-                    value, slope, ga, gb = _block_vjp(
-                        ops.matmul(a_r, lora_b), g_r, scaled, bandwidths, grid_tensor, True
+                    a_r, product = product_rows(start, length)
+                    g_r = ops.cast(projection.grad_kernel_block(x, upstream, start, length), "float32")
+                    value, slope, grad_a, grad_b = _transfer_terms(_flat(product), _flat(g_r), coef, True)
+                    grad_product = ops.multiply(g_r, ops.reshape(slope, product.shape))
+                    del g_r, slope
+                    delta = projection.to_kernel(ops.reshape(value, product.shape), length)
+                    del value
+                    if not in_place:
+                        delta = ops.add(ops.cast(_take(kernel, projection.axis, start, length), "float32"), delta)
+                    grad_x = projection.grad_input_block(x, upstream, ops.cast(delta, compute_dtype))
+                    return (
+                        (ops.matmul(grad_product, ops.transpose(lora_b)), grad_x),
+                        (ops.matmul(ops.transpose(a_r), grad_product), grad_a, grad_b),
                     )
-                    grad_product = ops.multiply(g_r, slope)
-                    del slope
-                    grad_a = ops.matmul(grad_product, ops.transpose(lora_b))
-                    grad_b = ops.matmul(ops.transpose(a_r), grad_product)
-                    return (kernel_rows(kernel, start, length, value), grad_a), (grad_b, ga, gb)
 
-                init = row_init(kernel)
-                if init is not None:
-                    init = init + (ops.zeros((d_in, rank), "float32"),)
-                (delta, grad_a), (grad_b, grad_amplitudes, grad_bandwidths) = _over_row_blocks(
-                    d_in,
-                    d_out,
-                    block,
-                    (d_out, rank),
-                    ((rank, d_out), (size,), (size,)),
-                    held.clear,
-                    init,
+                x_axis = projection.input_axis(len(x.shape))
+                if in_place:
+                    # dL/dx through the frozen kernel; each block adds g ΔW_rᵀ.
+                    base = projection.grad_input(x, ops.cast(kernel, compute_dtype), upstream)
+                    grad_x = _Output(tuple(x.shape), x_axis, init=base, dtype=base.dtype)
+                else:
+                    grad_x = _Output(tuple(x.shape), x_axis)
+                outputs = (_Output(shape[0], 0, unit=rows), grad_x)
+                sums = (shape[1], (coef.size,), (coef.size,))
+                (grad_a, grad_x), (grad_b, grad_amplitudes, grad_bandwidths) = _blocked(
+                    projection.size, step, block, outputs, sums
                 )
-                held.clear()
-                full = merged_kernel(kernel, delta)
-                del delta
-                grad_x = projection.grad_input(x, full, upstream)
-                del full
                 grad_amplitudes = ops.multiply(grad_amplitudes, scale)
-                return grad_x, None, grad_a, grad_b, grad_amplitudes, grad_bandwidths
+                return ops.cast(grad_x, x.dtype), None, grad_a, grad_b, grad_amplitudes, grad_bandwidths
 
             def block(start, length):
-                product = ops.matmul(_rows(lora_a, start, length), lora_b)
-                value = _transfer_value(product, scaled, bandwidths, grid)
-                return (kernel_rows(kernel, start, length, value),), ()
+                _, product = product_rows(start, length)
+                value = _transfer_values(_flat(product), coef)
+                return (projection.to_kernel(ops.reshape(value, product.shape), length),), ()
 
-            (delta,), _ = _over_row_blocks(
-                d_in, d_out, block, (d_out,), (), row_init=row_init(kernel)
+            merged = ops.cast(kernel, "float32")
+            if in_place:
+                # XLA's scheduler would otherwise run every layer's merged-kernel
+                # loop at the start of the step (they depend on parameters only),
+                # keeping all the merged kernels alive at once; a zero computed
+                # from x makes this one wait for its input. (The add is fused into
+                # the copy of W that the loop writes into anyway.)
+                merged = ops.add(merged, _data_dependency(x))
+            (merged,), _ = _blocked(
+                projection.size, step, block, (_Output(tuple(kernel.shape), projection.axis, init=merged),)
             )
-            full = merged_kernel(kernel, delta)
-            del delta
-            return projection.forward(x, full), grad
+            return projection.forward(x, ops.cast(merged, compute_dtype)), grad
 
         return project(inputs, kernel, lora_a, lora_b, amplitudes, bandwidths)
 
