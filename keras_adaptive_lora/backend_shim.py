@@ -13,6 +13,14 @@ parameter that requires a gradient". The helper wraps the model in a thin
 `torch.nn.Parameter`s (the same tensor objects, not copies), so DDP
 broadcasts them from rank 0 at construction and averages their gradients
 across processes during `backward()`.
+
+`sequential_fori_loop`: `keras.ops.fori_loop` whose iterations run one after
+another on every backend. Keras's tensorflow `fori_loop` is a
+`tf.while_loop` with the default `parallel_iterations=10`: in a graph
+(`tf.function`, which Keras's tensorflow trainer uses) up to 10 iterations
+whose work does not depend on the loop carry run at once, each holding its
+temporaries. Memory-bounded loops (SincLoRA's blocks of a kernel) need them
+one at a time.
 """
 
 import keras
@@ -29,6 +37,40 @@ def _require_torch(what):
     import torch  # the torch backend guarantees it
 
     return torch
+
+
+def sequential_fori_loop(lower, upper, body_fun, init_val):
+    """`keras.ops.fori_loop`, one iteration at a time.
+
+    On tensorflow a `tf.while_loop` with `parallel_iterations=1`; elsewhere
+    `keras.ops.fori_loop` itself (jax's `fori_loop` is sequential; torch's is a
+    Python loop).
+
+    Args:
+        lower: first loop index (int or scalar integer tensor).
+        upper: loop end, exclusive.
+        body_fun: `body_fun(i, val) -> val`, same structure as `init_val`.
+        init_val: the initial loop carry (a tensor or nested structure).
+
+    Returns:
+        The final loop carry.
+
+    Example:
+    ```python
+    total = sequential_fori_loop(0, 4, lambda i, t: t + keras.ops.cast(i, "float32"), 0.0)
+    ```
+    """
+    if keras.backend.backend() != "tensorflow":
+        return keras.ops.fori_loop(lower, upper, body_fun, init_val)
+    import tensorflow as tf  # the tensorflow backend guarantees it
+
+    _, result = tf.while_loop(
+        lambda i, _: i < upper,
+        lambda i, val: (i + 1, body_fun(i, val)),
+        (lower, init_val),
+        parallel_iterations=1,
+    )
+    return result
 
 
 def torch_data_parallel(model, **ddp_kwargs):

@@ -670,3 +670,34 @@ def test_row_blocks_give_the_same_values_and_gradients(monkeypatch, block_elemen
     test_adapter_forward_and_gradients_match_numpy()
     test_dense_adapter_on_3d_input_matches_numpy_gradients()
     test_attention_output_adapter_matches_numpy_gradients()
+
+
+def tensorflow_step_graph_nodes(block_elements, monkeypatch):
+    """Nodes (with nested function bodies) of a traced loss-and-gradient step."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", block_elements)
+    layer = keras.layers.Dense(64)
+    layer.build((None, 32))
+    adapter = SincLoRAAdapter(layer, rank=2, grid_size=6)
+    randomize(adapter)
+    x = tf.constant(np.ones((3, 32), "float32"))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = ops.sum(ops.square(adapter(x)))
+        return tape.gradient(loss, adapter.trainable_variables)
+
+    graph = step.get_concrete_function(x).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tensorflow keeps memory per graph node; jax loops are compiled")
+def test_tensorflow_graph_does_not_grow_with_the_number_of_blocks(monkeypatch):
+    # 32 x 64 kernel: blocks of 2 rows (16 blocks) vs 8 rows (4 blocks). The
+    # blocks must run in one while loop, not one unrolled copy of the work
+    # per block (tensorflow holds tens of kB per graph node, so unrolling
+    # costs memory in proportion to the kernel size).
+    few, many = (tensorflow_step_graph_nodes(n, monkeypatch) for n in (8 * 64, 2 * 64))
+    assert many == few

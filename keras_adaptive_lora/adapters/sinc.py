@@ -33,6 +33,7 @@ import numpy as np
 from keras import ops
 
 from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, check_quantization
+from keras_adaptive_lora.backend_shim import sequential_fori_loop
 from keras_adaptive_lora.adapters.lora import check_alpha, check_positive_int, check_rank, lora_scale
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
@@ -132,17 +133,41 @@ class _Output:
 
     Block `[start, start + length)` covers `[start · unit, (start + length) ·
     unit)` of the axis. `init` (optional) is added: the result is `init +`
-    the pieces.
+    the pieces. `like` (optional) gives the shape when it is not static (a
+    layer input with an unknown batch size on tensorflow).
+
+    In a loop (`_blocked` on jax and tensorflow) the output is the loop carry
+    and each block is written into it: on jax with `slice_update` (XLA
+    updates the carry in place); on tensorflow, whose `slice_update` is an
+    XLA-only op, with `scatter_update` of rows, so the carry is kept with
+    `axis` first (`initial`, `final`).
     """
 
-    def __init__(self, shape, axis, *, unit=1, init=None, dtype="float32"):
-        self.shape, self.axis, self.unit, self.init, self.dtype = shape, axis, unit, init, dtype
+    def __init__(self, shape, axis, *, unit=1, init=None, like=None, dtype="float32"):
+        self.shape, self.axis, self.unit, self.init, self.like, self.dtype = shape, axis, unit, init, like, dtype
+        self.rows_first = keras.backend.backend() == "tensorflow" and axis != 0
 
     def initial(self):
-        return self.init if self.init is not None else ops.zeros(self.shape, self.dtype)
+        if self.init is not None:
+            full = self.init
+        elif self.like is not None:
+            full = ops.zeros_like(self.like)
+        else:
+            full = ops.zeros(self.shape, self.dtype)
+        return ops.moveaxis(full, self.axis, 0) if self.rows_first else full
+
+    def final(self, full):
+        return ops.moveaxis(full, 0, self.axis) if self.rows_first else full
 
     def update(self, full, start, piece):
         """`full` with the piece of the block at `start` written (added) in place."""
+        if keras.backend.backend() == "tensorflow":
+            if self.rows_first:
+                piece = ops.moveaxis(piece, self.axis, 0)
+            rows = ops.add(ops.arange(int(piece.shape[0]), dtype="int32"), ops.cast(start * self.unit, "int32"))
+            if self.init is not None:
+                piece = ops.add(ops.take(full, rows, axis=0), piece)
+            return ops.scatter_update(full, ops.reshape(rows, (-1, 1)), piece)
         starts = [0] * len(full.shape)
         starts[self.axis] = start * self.unit
         if self.init is not None:
@@ -169,18 +194,21 @@ def _blocked(total, step, body, outputs=(), sums=()):
     shorter last one. Each piece is written into its output (`_Output`), the
     partial sums are added up (zeros of the shapes in `sums` to start).
 
-    On jax the full-length blocks run in one `fori_loop` that writes the
-    outputs in place (`slice_update` of the loop carry: XLA reuses the
-    buffer), then the shorter last block. Elsewhere a Python loop collects
-    the pieces and concatenates them once (`slice_update` copies the whole
-    tensor on torch and is an XLA-only op on tensorflow).
+    On jax and tensorflow the full-length blocks run in one loop, one block
+    at a time (`sequential_fori_loop`), that writes the outputs into the loop
+    carry (`_Output.update`), then the shorter last block: the graph holds
+    one copy of `body` whatever the number of blocks (tensorflow keeps tens
+    of kB per graph node for the life of the function, so unrolling the
+    blocks would cost memory proportional to the kernel size). On torch
+    (eager) a Python loop collects the pieces and concatenates them once
+    (`slice_update` copies the whole tensor there).
 
     Returns:
         `(outputs, sums)`, two tuples of tensors.
     """
     step = _even_step(total, max(1, min(step, total)))
     count, tail = divmod(total, step)
-    if keras.backend.backend() == "jax":
+    if keras.backend.backend() != "torch":
 
         def run(start, length, carry):
             fulls, totals = carry
@@ -193,10 +221,11 @@ def _blocked(total, step, body, outputs=(), sums=()):
         if count == 1:
             carry = run(0, step, carry)
         else:
-            carry = ops.fori_loop(0, count, lambda i, c: run(i * step, step, c), carry)
+            carry = sequential_fori_loop(0, count, lambda i, c: run(i * step, step, c), carry)
         if tail:
             carry = run(count * step, tail, carry)
-        return carry
+        fulls, totals = carry
+        return tuple(o.final(f) for o, f in zip(outputs, fulls)), totals
     collected = [[] for _ in outputs]
     totals = [None] * len(sums)
     for start in range(0, total, step):
@@ -287,7 +316,7 @@ class _Coefficients:
 
 def _loop(count, body, carry):
     """`body(j, carry)` for `j` in `range(count)`; no loop at all for one chunk."""
-    return body(0, carry) if count == 1 else ops.fori_loop(0, count, body, carry)
+    return body(0, carry) if count == 1 else sequential_fori_loop(0, count, body, carry)
 
 
 def _transfer_values(p, coef):
@@ -303,7 +332,7 @@ def _transfer_values(p, coef):
             terms = ops.where(ops.equal(t, 0.0), 1.0, ops.divide(sin_t, t))
             return ops.add(value, coef.combine(coef.amp, j, terms))
 
-        value = _loop(coef.count, body, ops.zeros((1, length), "float32"))
+        value = _loop(coef.count, body, ops.zeros_like(pb))
         return (ops.reshape(value, (length,)),), ()
 
     m = int(p.shape[0])
@@ -352,7 +381,7 @@ def _transfer_terms(p, upstream, coef, with_value):
             return value, slope, grad_a, grad_b
 
         zeros = ops.zeros(coef.sum_shape(), "float32")
-        row = ops.zeros((1, length), "float32")
+        row = ops.zeros_like(pb)
         value, slope, grad_a, grad_b = _loop(
             coef.count, body, (row if with_value else ops.zeros((), "float32"), row, zeros, zeros)
         )
@@ -432,7 +461,7 @@ def sinc_transfer(x, amplitudes, bandwidths, grid):
 
 
 def _data_dependency(x):
-    """A float32 zero computed from `x`'s data (jax only; see `_merged_projection`)."""
+    """A float32 zero computed from `x`'s data (graph backends; see `_merged_projection`)."""
     first = ops.reshape(ops.slice(_flat(x), (0,), (1,)), ())
     return ops.multiply(ops.cast(ops.isnan(first), "float32"), 0.0)
 
@@ -701,7 +730,7 @@ class SincLoRAAdapter(AdapterLayer):
                     base = projection.grad_input(x, ops.cast(kernel, compute_dtype), upstream)
                     grad_x = _Output(tuple(x.shape), x_axis, init=base, dtype=base.dtype)
                 else:
-                    grad_x = _Output(tuple(x.shape), x_axis)
+                    grad_x = _Output(tuple(x.shape), x_axis, like=x)
                 outputs = (_Output(shape[0], 0, unit=rows), grad_x)
                 sums = (shape[1], (coef.size,), (coef.size,))
                 (grad_a, grad_x), (grad_b, grad_amplitudes, grad_bandwidths) = _blocked(
@@ -716,12 +745,13 @@ class SincLoRAAdapter(AdapterLayer):
                 return (projection.to_kernel(ops.reshape(value, product.shape), length),), ()
 
             merged = ops.cast(kernel, "float32")
-            if in_place:
-                # XLA's scheduler would otherwise run every layer's merged-kernel
-                # loop at the start of the step (they depend on parameters only),
-                # keeping all the merged kernels alive at once; a zero computed
-                # from x makes this one wait for its input. (The add is fused into
-                # the copy of W that the loop writes into anyway.)
+            if keras.backend.backend() != "torch":
+                # XLA's scheduler (jax) and tensorflow's graph executor would
+                # otherwise run every layer's merged-kernel loop at the start of
+                # the step (they depend on parameters only), keeping all the
+                # merged kernels alive at once; a zero computed from x makes
+                # this one wait for its input. (The add is fused into the copy
+                # of W that the loop writes into anyway on jax.)
                 merged = ops.add(merged, _data_dependency(x))
             (merged,), _ = _blocked(
                 projection.size, step, block, (_Output(tuple(kernel.shape), projection.axis, init=merged),)
