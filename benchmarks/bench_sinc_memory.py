@@ -3,7 +3,7 @@ implementation of the sinc transfer, on large kernels.
 
 Model: `x (batch, seq, 1024) -> Dense(4096) -> Dense(1024)`, both projections
 adapted at the same rank (a transformer MLP's up and down kernels, 4M entries
-each). One training step = forward, loss, gradients of every adapter
+each); `--pairs N` stacks N such pairs (2N adapted layers). One training step = forward, loss, gradients of every adapter
 parameter (`keras.ops` model code through `model.stateless_call`, the frozen
 weights closed over; the gradient call is the backend's own:
 `jax.jit(jax.value_and_grad)`, a `tf.function` with a `GradientTape`, torch
@@ -136,12 +136,18 @@ def worker(args):
     extra = {} if args.variant == "lora" else {"grid_size": args.grid_size}
     rng = np.random.default_rng(0)
     inputs = keras.Input((args.seq, args.hidden))
-    up = keras.layers.Dense(args.intermediate, name="up")
-    down = keras.layers.Dense(args.hidden, name="down")
-    up.build((None, args.seq, args.hidden))
-    down.build((None, args.seq, args.intermediate))
-    adapters = [adapter_cls(layer, rank=args.rank, **extra) for layer in (up, down)]
-    model = keras.Model(inputs, adapters[1](adapters[0](inputs)))
+    layers = []
+    for i in range(args.pairs):
+        up = keras.layers.Dense(args.intermediate, name=f"up_{i}")
+        down = keras.layers.Dense(args.hidden, name=f"down_{i}")
+        up.build((None, args.seq, args.hidden))
+        down.build((None, args.seq, args.intermediate))
+        layers += [up, down]
+    adapters = [adapter_cls(layer, rank=args.rank, **extra) for layer in layers]
+    hidden = inputs
+    for adapter in adapters:
+        hidden = adapter(hidden)
+    model = keras.Model(inputs, hidden)
     for adapter in adapters:  # nonzero, representative values
         for v in adapter.trainable_weights:
             v.assign((0.1 * rng.normal(size=v.shape)).astype("float32"))
@@ -234,7 +240,7 @@ def run_all(args):
         env_base.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     common = [
         f"--{k.replace('_', '-')}={getattr(args, k)}"
-        for k in ("batch", "seq", "hidden", "intermediate", "rank", "grid_size", "steps")
+        for k in ("batch", "seq", "hidden", "intermediate", "pairs", "rank", "grid_size", "steps")
     ]
     for backend in args.backends:
         for variant in args.variants:
@@ -248,7 +254,7 @@ def run_all(args):
             rows.append(json.loads(line[-1]))
             print(f"  done {backend}/{variant}: {rows[-1]}", file=sys.stderr)
     print(
-        f"\nkernels {args.hidden}x{args.intermediate} and {args.intermediate}x{args.hidden}, "
+        f"\n{args.pairs} x (kernels {args.hidden}x{args.intermediate} and {args.intermediate}x{args.hidden}), "
         f"batch {args.batch} x seq {args.seq}, rank {args.rank}, grid_size {args.grid_size}, "
         f"median of {args.steps} steps"
     )
@@ -322,6 +328,13 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="stacked up/down pairs (2 adapted layers each); more pairs show the "
+        "per-layer cost without the fixed one (jax's compilation leftovers)",
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--grid-size", type=int, default=50)
     parser.add_argument("--steps", type=int, default=2)
