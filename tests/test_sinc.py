@@ -498,9 +498,15 @@ def test_first_step_moves_amplitudes_and_makes_delta_nonzero():
     delta = to_numpy(adapter.delta_kernel())
     assert abs(f0) > 1e-4
     np.testing.assert_allclose(delta, np.full((8, 6), 2.0 * f0), rtol=1e-5, atol=1e-7)
-    # From the second step on, B (hence A B) moves too.
+    # Paper App. E expects the symmetry to break from the second step. In
+    # exact arithmetic it never does: with A B = 0, dL/da_k = s sum(G)
+    # sinc(b g_k) is the same for g_k and -g_k (grid symmetric about 0,
+    # equal b_k), so f stays even, f'(0) = 0 and dL/dB = A^T (G * f'(A B))
+    # = 0. B leaves 0 only through float round-off (README, SincLoRA).
     model.train_on_batch(x, y)
-    assert np.abs(to_numpy(adapter.lora_b)).max() > 0
+    amplitudes = to_numpy(adapter.amplitudes)
+    np.testing.assert_allclose(amplitudes, amplitudes[::-1], rtol=1e-5, atol=1e-9)
+    assert np.abs(to_numpy(adapter.lora_b)).max() < 1e-5
 
 
 def test_first_adam_step_moves_amplitudes():
