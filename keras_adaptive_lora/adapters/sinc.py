@@ -593,7 +593,9 @@ class SincLoRAAdapter(AdapterLayer):
     and bandwidths `b = softplus(β)` (init `b = 1`) on a fixed uniform grid `g`
     of `grid_size` points on `[-grid_range, grid_range]`. `s = alpha / r`.
     At initialization `ΔW = 0`; the amplitudes get a nonzero gradient at the
-    first step.
+    first step. `A` and `B` get exactly zero gradient while `A B = 0` (the
+    symmetric grid keeps `f` even, so `f'(0) = 0`); they leave 0 through
+    float round-off (measured numbers in the README).
 
     The forward pass uses the merged weight: `y = act(x (W + ΔW) + bias)`,
     one einsum in the layer's own axes. The update is formed in float32 (all
@@ -680,15 +682,17 @@ class SincLoRAAdapter(AdapterLayer):
         is folded into the amplitudes. Forward: each block's `A_r B` and `f`
         are block-sized; `ΔW_r` is added into the merged kernel, which on jax
         is the only kernel-sized buffer (written in place over a copy of `W`);
-        on torch/tensorflow the blocks `W_r + ΔW_r` are concatenated once (two
-        kernels for that moment). Backward: per block `G_r = dL/dΔW_r`,
+        on tensorflow the loop scatters the blocks into a copy of `W`
+        (`_Output.update`); on torch the blocks `W_r + ΔW_r` are concatenated
+        once (two kernels for that moment). Backward: per block `G_r = dL/dΔW_r`,
         `A_r B`, `f`, `f'` and `ΔW_r` (all block-sized) give `dL/dA_r`,
         `dL/dB`, the transfer parameters' gradients and the block's share of
         `dL/dx`: on jax `g ΔW_rᵀ`, added in place onto `g Wᵀ` (the frozen
         kernel: no merged one, and no kernel read inside a loop, which XLA
         would copy when the kernel is a compile-time constant); elsewhere
-        `g (W_r + ΔW_r)ᵀ`, the pieces concatenated once (adding `g Wᵀ`
-        afterwards would hold a third input-sized buffer).
+        `g (W_r + ΔW_r)ᵀ`, the pieces written into zeros (tensorflow) or
+        concatenated once (torch; adding `g Wᵀ` afterwards would hold a third
+        input-sized buffer).
         """
         projection, grid, scale = self._projection, self.grid, self.scale
         compute_dtype = self.compute_dtype
