@@ -1,12 +1,24 @@
 """Shared fixtures: tiny keras-hub backbones built from config (no downloads)
 and plain Keras models. The backend comes from KERAS_BACKEND."""
 
-import keras
-import keras_hub
-import numpy as np
-import pytest
+import os
 
-from keras import ops
+# XLA on CPU (jax, and the jax subprocesses some tests start): compile with
+# LLVM's cheap pipeline. The suite's models are tiny, so compiling each
+# function, not running it, is most of the jax suite's time; this halves it.
+# The HLO passes (fusion, layouts, buffers) are unchanged, only the machine
+# code is less optimized. Set before the first computation; a caller's own
+# setting of these flags wins.
+_FAST_XLA_CPU = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_XLA_CPU}".strip()
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from keras import ops  # noqa: E402
 
 
 def to_numpy(x):

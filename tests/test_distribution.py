@@ -341,7 +341,7 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     process = run_python(
         f"import test_distribution as t; t.jax_worker({out!r})",
         "jax",
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"},
     )
     finish(process)
     runs = runs_of(out + ".npz")

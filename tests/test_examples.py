@@ -1,10 +1,17 @@
 """Every example runs in smoke mode on every backend.
 
-`plain_keras_lora` runs in this process; the keras-hub examples run as
-`python examples/<name>.py --smoke` in a child process under the current
-`KERAS_BACKEND` (the backend-swap example starts its own torch and
-tensorflow children) and end with a `SUMMARY {json}` line that the tests
+`plain_keras_lora` and the keras-hub examples (`vit_few_shot_sr_lora`,
+`gemma_flexlora_generate`, `llama_sinc_lora`) run in this process under the
+current `KERAS_BACKEND`: `main(["--smoke"])`, as `python examples/<name>.py
+--smoke` would call it, without paying a fresh interpreter's imports for
+each. The keras-hub examples end with a `SUMMARY {json}` line that the tests
 check against independent expectations.
+
+`backend_swap_export` fixes its own backends (train under torch, export
+under tensorflow, each in a child process when this one runs another
+backend), so it runs once, as a script (`python examples/backend_swap_export.py
+--smoke`), under the tensorflow suite: there it takes its longest path (both
+stages in child processes).
 """
 
 import importlib.util
@@ -15,8 +22,10 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+BACKEND = keras.backend.backend()
 
 
 def load(name):
@@ -26,20 +35,33 @@ def load(name):
     return module
 
 
-def run_smoke(name, *extra):
-    """Run an example with `--smoke` in a child process; return its SUMMARY dict."""
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), TF_CPP_MIN_LOG_LEVEL="3")
+def summary_of(name, code, stdout, stderr=""):
+    """The example's SUMMARY dict, after checking its exit code and failures."""
+    log = f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}"
+    assert code == 0, f"{name} --smoke exited {code}\n{log}"
+    lines = [line for line in stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert lines, f"{name} printed no SUMMARY line\n{log}"
+    summary = json.loads(lines[-1][len("SUMMARY "):])
+    assert summary["failures"] == [], log
+    return summary
+
+
+def run_in_process(name, capsys):
+    """`main(["--smoke"])` of an example here; its SUMMARY dict and stdout."""
+    capsys.readouterr()  # drop anything printed before
+    code = load(name).main(["--smoke"])
+    out, err = capsys.readouterr()
+    return summary_of(name, code, out, err), out
+
+
+def run_script(name, *extra):
+    """`python examples/<name>.py --smoke` in a child process; its SUMMARY dict and stdout."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--smoke", *extra],
         env=env, capture_output=True, text=True, timeout=600,
     )
-    log = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, f"{name} --smoke exited {proc.returncode}\n{log}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY ")]
-    assert lines, f"{name} printed no SUMMARY line\n{log}"
-    summary = json.loads(lines[-1][len("SUMMARY "):])
-    assert summary["failures"] == [], log
-    return summary, proc.stdout
+    return summary_of(name, proc.returncode, proc.stdout, proc.stderr), proc.stdout
 
 
 def test_plain_keras_lora_smoke():
@@ -48,8 +70,8 @@ def test_plain_keras_lora_smoke():
     assert result["adapted_mse"] < 1.0
 
 
-def test_vit_few_shot_sr_lora_smoke():
-    summary, stdout = run_smoke("vit_few_shot_sr_lora")
+def test_vit_few_shot_sr_lora_smoke(capsys):
+    summary, stdout = run_in_process("vit_few_shot_sr_lora", capsys)
     # 2 blocks x (query, value, attention_output); ranks = stable ranks
     # rounded half to even, clamped to [1, min(d_in, d_out)] = [1, 16].
     assert summary["merged"] == 6
@@ -62,8 +84,8 @@ def test_vit_few_shot_sr_lora_smoke():
     assert summary["merge_diff"] < 1e-4
 
 
-def test_gemma_flexlora_generate_smoke():
-    summary, stdout = run_smoke("gemma_flexlora_generate")
+def test_gemma_flexlora_generate_smoke(capsys):
+    summary, stdout = run_in_process("gemma_flexlora_generate", capsys)
     ranks = summary["rank_pattern"]
     # FlexLoRA's default targets on a 1-layer Gemma: q, k, v, o + 3 MLP projections.
     assert len(ranks) == 7 and summary["merged"] == 7
@@ -77,8 +99,8 @@ def test_gemma_flexlora_generate_smoke():
     assert "rank pattern over time" in stdout
 
 
-def test_llama_sinc_lora_smoke():
-    summary, stdout = run_smoke("llama_sinc_lora")
+def test_llama_sinc_lora_smoke(capsys):
+    summary, stdout = run_in_process("llama_sinc_lora", capsys)
     rank = summary["rank"]
     sranks, ranks = summary["update_stable_ranks"], summary["update_ranks"]
     assert len(sranks) == 7 and summary["merged"] == 7
@@ -91,8 +113,13 @@ def test_llama_sinc_lora_smoke():
     assert "srank(ΔW)" in stdout
 
 
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="runs under the tensorflow suite only: the example picks its own backends "
+    "(train: torch, export: tensorflow) whatever the suite's backend",
+)
 def test_backend_swap_export_smoke(tmp_path):
-    summary, stdout = run_smoke("backend_swap_export", "--workdir", str(tmp_path))
+    summary, stdout = run_script("backend_swap_export", "--workdir", str(tmp_path))
     assert (tmp_path / "merged.keras").is_file()
     assert (tmp_path / "saved_model" / "saved_model.pb").is_file()
     assert summary["max_abs_diff"] <= 1e-4

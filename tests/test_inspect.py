@@ -193,6 +193,11 @@ def test_cli_in_process(presets, capsys, tmp_path):
     assert "does not exist" in err and out == ""
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="runs under the tensorflow suite only: it checks the `python -m` entry point "
+    "and its stdout/stderr; test_cli_in_process covers the CLI on every backend",
+)
 def test_cli_subprocess(presets):
     folder, _ = presets["gemma"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
