@@ -30,7 +30,7 @@ test: $(VENV)/.dev-installed
 	@failed=""; \
 	for backend in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$backend ==="; \
-		KERAS_BACKEND=$$backend $(PY) -m pytest -q tests || failed="$$failed $$backend"; \
+		KERAS_BACKEND=$$backend $(PY) -m pytest -q -n 2 --dist loadfile tests || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED on:$$failed"; exit 1; fi; \
 	echo "all backends passed: $(BACKENDS)"
