@@ -33,7 +33,7 @@ import json, statistics, sys, time
 import numpy as np
 import keras, keras_hub
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.callbacks import FlexLoRAScheduler
+from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler
 
 cfg = json.loads(sys.argv[1])
 

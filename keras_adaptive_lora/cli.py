@@ -1,5 +1,5 @@
 """Command line: `keras-adaptive-lora transfer` (the main job: few-shot ViT
-transfer comparing the methods; see `keras_adaptive_lora.transfer`),
+transfer comparing the methods; see `keras_adaptive_lora.apps.transfer`),
 `keras-adaptive-lora demo` (a one-minute LoRA smoke run on a tiny Gemma),
 `keras-adaptive-lora export MODEL.keras OUT_DIR` (a TensorFlow SavedModel of a
 `.keras` file, e.g. one written by `save_merged` under torch or jax; run it
@@ -118,6 +118,9 @@ def _inspect(args):
 
 
 def build_parser():
+    from keras_adaptive_lora.core.method import get_method, method_names
+    from keras_adaptive_lora import methods  # noqa: F401  (registers the built-in methods)
+
     parser = argparse.ArgumentParser(
         prog="keras-adaptive-lora",
         description="Adaptive-rank LoRA for Keras 3 and keras-hub.",
@@ -149,21 +152,26 @@ def build_parser():
         help="a keras-hub preset folder (Backbone.save_to_preset), a .keras file, or a "
         "keras-hub preset name (downloads)",
     )
+    names = method_names()
+
+    def having(option):
+        return ", ".join(n for n in names if option in get_method(n).option_names())
+
     inspect.add_argument(
-        "--method", default="lora", choices=["lora", "sr-lora", "flexlora", "sinc"],
+        "--method", default="lora", choices=list(names),
         help="the method whose targets and ranks to show (default: lora)",
     )
     inspect.add_argument(
         "--rank", type=int, default=None,
-        help="rank of lora / sinc, initial rank of flexlora (default: 8)",
+        help=f"the (initial) rank, for {having('rank')} (default: the method's own)",
     )
     inspect.add_argument(
         "--budget", type=int, default=None,
-        help="sr-lora: total adapter-parameter budget (ranks scaled down to fit)",
+        help=f"total adapter-parameter budget (ranks scaled down to fit), for {having('budget')}",
     )
     inspect.add_argument(
         "--max-rank", type=int, default=None,
-        help="sr-lora: cap on every rank; flexlora: per-layer capacity R (default 2 x rank)",
+        help=f"per-layer rank cap or capacity, for {having('max_rank')}",
     )
     inspect.add_argument(
         "--targets", nargs="+", default=None,
@@ -171,7 +179,7 @@ def build_parser():
     )
     inspect.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     inspect.set_defaults(func=_inspect)
-    from keras_adaptive_lora import transfer as transfer_job
+    from keras_adaptive_lora.apps import transfer as transfer_job
 
     transfer = sub.add_parser(
         "transfer",

@@ -50,7 +50,7 @@ import re
 
 import keras
 
-from keras_adaptive_lora.surgery import find_adapters
+from keras_adaptive_lora.core.tree import find_adapters
 
 
 # --------------------------------------------------------------------------
@@ -75,33 +75,6 @@ def _flat_axis(specs, dims, mesh):
     if int(dims[0]) % _mesh_axis_size(mesh, specs[0]):
         return None
     return specs[0]
-
-
-def _factor_role(adapter, variable):
-    """`"in"` for an `A`-like `(d_in, k)`, `"out"` for a `B`-like `(k, d_out)`
-    factor (`k <= min(d_in, d_out)`, as every adapter's rank and capacity),
-    else `None` (including the ambiguous `d_in == d_out == k`)."""
-    if len(variable.shape) != 2:
-        return None
-    rows, cols = (int(d) for d in variable.shape)
-    limit = min(adapter.d_in, adapter.d_out)
-    is_a = rows == adapter.d_in and cols <= limit
-    is_b = cols == adapter.d_out and rows <= limit
-    if is_a == is_b:
-        return None
-    return "in" if is_a else "out"
-
-
-def _adapter_variables(adapter):
-    """The adapter's own variables (not the wrapped layer's), in order,
-    random-generator states included."""
-    base = {id(v) for v in adapter.wrapped.variables}
-    seen, out = set(), []
-    for variable in adapter.variables:
-        if id(variable) not in base and id(variable) not in seen:
-            seen.add(id(variable))
-            out.append(variable)
-    return out
 
 
 def adapter_layouts(adapter, kernel_axes, device_mesh):
@@ -131,8 +104,9 @@ def adapter_layouts(adapter, kernel_axes, device_mesh):
         in_spec = _flat_axis([kernel_axes[i] for i in view.in_axes], view.in_dims, device_mesh)
         out_spec = _flat_axis([kernel_axes[i] for i in view.out_axes], view.out_dims, device_mesh)
     layouts = []
-    for variable in _adapter_variables(adapter):
-        role = _factor_role(adapter, variable)
+    roles = adapter.factor_roles()
+    for name, variable in adapter.own_variables():
+        role = roles.get(name)
         if role == "in":
             axes = (in_spec, None)
         elif role == "out":
@@ -292,7 +266,7 @@ def distribute_adapters(model, distribution=None):
         )
     placed = {}
     for adapter in adapters:
-        for variable in _adapter_variables(adapter):
+        for _, variable in adapter.own_variables():
             # Keras reads a variable's layout from `_layout` (set at creation;
             # there is no public setter), and `assign` places the value there.
             variable._layout = None

@@ -1,11 +1,13 @@
 """Inspect a model before adapting it: per target layer, the kernel shape, its
 `(d_in, d_out)` matrix view, its stable rank, and the rank (and adapter
-parameters) that a method would give it.
+parameters) that a method would give it; and the diagnostics of trained
+adapters (`update_stable_ranks`).
 
-`inspect_model` returns an `InspectionReport` (rows of dicts; `str()` gives the
-table, see `format_report`); `load_model` opens a keras-hub preset folder, a
-keras-hub preset name or a `.keras` file. The command line
-`keras-adaptive-lora inspect SOURCE` wraps both.
+One planning path: every method's `plan(layers)` (`core.method`). The
+method names come from the registry, so a new method is inspectable as soon
+as it registers. `inspect_model` returns an `InspectionReport`; `load_model`
+opens a keras-hub preset folder, a keras-hub preset name or a `.keras` file.
+The command line `keras-adaptive-lora inspect SOURCE` wraps both.
 """
 
 import os
@@ -13,61 +15,30 @@ import os
 import keras
 import keras_hub
 
-from keras_adaptive_lora.adapters.base import AdapterMethod, kernel_view
-from keras_adaptive_lora.adapters.flexlora import FlexLoRA
-from keras_adaptive_lora.adapters.lora import LoRA, check_rank
-from keras_adaptive_lora.adapters.sinc import SincLoRA
-from keras_adaptive_lora.adapters.stable_rank import StableRankLoRA, allocate_ranks
+from keras_adaptive_lora.core.adapter import AdapterLayer
+from keras_adaptive_lora.core.kernel_view import kernel_view
+from keras_adaptive_lora.core.method import AdapterMethod, get_method, method_names, method_of
+from keras_adaptive_lora.core.tree import find_adapters
+from keras_adaptive_lora.methods.sr_lora import StableRankLoRA
+from keras_adaptive_lora.reports import format_table
 from keras_adaptive_lora.spectral import stable_rank
 from keras_adaptive_lora.surgery import match_targets
 
-#: Method names accepted by `make_method` and the CLI, and their spec classes.
-METHODS = {"lora": LoRA, "sr-lora": StableRankLoRA, "flexlora": FlexLoRA, "sinc": SincLoRA}
 
-_DISPLAY = {LoRA: "LoRA", StableRankLoRA: "SR-LoRA", FlexLoRA: "FlexLoRA", SincLoRA: "LR-LoRA (sinc)"}
-
-
-def make_method(name, *, rank=None, budget=None, max_rank=None):
-    """A method spec from a CLI-style name and the inspect options.
+def make_method(name, **options):
+    """A method spec from a registered name and generic options.
 
     Args:
-        name: one of "lora", "sr-lora", "flexlora", "sinc".
-        rank: the (initial) rank of lora, flexlora and sinc. Defaults to None
-            (each method's default, 8). SR-LoRA derives its ranks from the
-            stable ranks and takes no `rank`.
-        budget: SR-LoRA's total adapter-parameter budget (ranks scaled down
-            to fit). Defaults to None.
-        max_rank: SR-LoRA's cap on every rank, or FlexLoRA's per-layer
-            capacity `R`. Defaults to None.
+        name: a registered method name (see `method_names()`).
+        **options: the spec's options (`rank`, `budget`, `max_rank`, ...);
+            None leaves an option at the method's default. An option the
+            method does not have raises a `ValueError` that lists its options
+            and the methods that have it.
 
     Returns:
         The `AdapterMethod` spec.
     """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(METHODS)}.")
-    if name == "sr-lora":
-        if rank is not None:
-            raise ValueError(
-                "SR-LoRA sets each layer's rank from its stable rank, so `rank` "
-                "does not apply; use `max_rank` to cap the ranks or `budget` for "
-                "a total parameter budget."
-            )
-        return StableRankLoRA(max_rank=max_rank, budget=budget)
-    if budget is not None:
-        raise ValueError(
-            f"`budget` (a total adapter-parameter budget) applies to sr-lora only; "
-            f"{name} uses the same `rank` on every layer (FlexLoRA keeps the total "
-            "active rank, shown in the report, constant while it moves rank)."
-        )
-    kwargs = {} if rank is None else {"rank": rank}
-    if name == "flexlora":
-        return FlexLoRA(max_rank=max_rank, **kwargs)
-    if max_rank is not None:
-        raise ValueError(
-            f"`max_rank` applies to sr-lora (a cap) and flexlora (the capacity); "
-            f"{name} has a single `rank`."
-        )
-    return METHODS[name](**kwargs)
+    return get_method(name).from_options(**options)
 
 
 class InspectionReport:
@@ -79,8 +50,8 @@ class InspectionReport:
         rows: list of dicts with keys `path`, `type`, `kernel_shape`, `d_in`,
             `d_out`, `stable_rank`, `rank` (the rank the method gives the
             layer; FlexLoRA: active components at the start), `capacity`
-            (FlexLoRA's `R`, else None) and `params` (the adapter's trainable
-            parameters).
+            (the most components the layer can hold: FlexLoRA's `R`, else the
+            rank) and `params` (the adapter's trainable parameters).
         adapter_params: sum of `params`: the trainable parameters once the
             method is applied (everything else is frozen).
         model_params: all parameters of the model before adapting.
@@ -109,41 +80,98 @@ class InspectionReport:
     __repr__ = __str__
 
 
-def _stable_rank_plan(method, sranks, views):
-    """SR-LoRA's `(rank, None, params)` per layer: `allocate_ranks`, as in `plan_ranks`."""
-    ranks = allocate_ranks(
-        sranks,
-        [(v.d_in, v.d_out) for v in views],
-        max_rank=method.max_rank,
-        budget=method.budget,
-    )
-    return [(r, None, r * (v.d_in + v.d_out)) for r, v in zip(ranks, views)]
+class RankPlan:
+    """The per-layer SR-LoRA plan: what `apply_adapters` would do.
 
-
-def _fixed_rank_plan(method, layers, views):
-    """`(rank, capacity, params)` per layer for lora / flexlora / sinc.
-
-    The ranks are checked against each layer's shape as the adapters check
-    them, so a rank that `apply_adapters` would refuse is refused here too.
+    Attributes:
+        method: the `StableRankLoRA` spec.
+        rows: list of dicts with keys `path`, `type`, `shape` (the
+            `(d_in, d_out)` matrix view), `stable_rank`, `rank` and `params`
+            (adapter parameters `rank * (d_in + d_out)`).
+        total_params: sum of `params`.
     """
-    out = []
-    for layer, view in zip(layers, views):
-        check_rank(layer, method.rank)
-        if isinstance(method, FlexLoRA):
-            if method.max_rank is None:
-                capacity = min(2 * method.rank, view.d_in, view.d_out)
-            else:
-                check_rank(layer, method.max_rank, "max_rank")
-                capacity = method.max_rank
-            # A (d_in, R), lambda (R,), B (R, d_out).
-            out.append((method.rank, capacity, capacity * (view.d_in + view.d_out + 1)))
-        elif isinstance(method, SincLoRA):
-            # A, B plus the transfer function's amplitudes and bandwidths.
-            params = method.rank * (view.d_in + view.d_out) + 2 * method.grid_size
-            out.append((method.rank, None, params))
-        else:
-            out.append((method.rank, None, method.rank * (view.d_in + view.d_out)))
-    return out
+
+    def __init__(self, method, rows):
+        self.method = method
+        self.rows = rows
+        self.total_params = int(sum(r["params"] for r in rows))
+
+    @property
+    def ranks(self):
+        return [r["rank"] for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def __str__(self):
+        headers = ("layer path", "type", "shape", "stable rank", "rank", "params")
+        cells = [
+            (
+                r["path"],
+                r["type"],
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                f"{r['stable_rank']:.2f}",
+                str(r["rank"]),
+                f"{r['params']:,}",
+            )
+            for r in self.rows
+        ]
+        table, rule = format_table(headers, cells)
+        out = [f"{self.method!r} plan for {len(self.rows)} layers", *table]
+        out += [rule, f"adapter params: {self.total_params:,}"]
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+def plan_ranks(model, method, targets=None):
+    """The SR-LoRA rank plan for `model`, without changing it.
+
+    Matches targets exactly as `apply_adapters(model, method, targets)` does
+    and computes each layer's stable rank and allocated rank (budget
+    included), so the plan equals what applying the method gives.
+
+    Args:
+        model: a built Keras model or keras-hub backbone / task model.
+        method: a `StableRankLoRA` spec.
+        targets: as in `apply_adapters`. Defaults to the method's defaults for
+            the detected architecture.
+
+    Returns:
+        A `RankPlan` (print it for a table; iterate it for row dicts).
+
+    Example:
+    ```python
+    plan = plan_ranks(backbone, StableRankLoRA(budget=1_000_000))
+    print(plan)
+    ```
+    """
+    if not isinstance(method, StableRankLoRA):
+        raise ValueError(
+            "`plan_ranks` needs a StableRankLoRA spec (its ranks come from the "
+            f"stable rank of each kernel); got {method!r}."
+        )
+    layers = [layer for _, layer in match_targets(model, method, targets)]
+    rows = []
+    for layer, entry in zip(layers, method.plan(layers)):
+        view = kernel_view(layer)
+        rows.append(
+            {
+                "path": layer.path or layer.name,
+                "type": type(layer).__name__,
+                "shape": (view.d_in, view.d_out),
+                "stable_rank": entry.stable_rank,
+                "rank": entry.rank,
+                "params": entry.params,
+            }
+        )
+    return RankPlan(method, rows)
 
 
 def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None,
@@ -153,15 +181,15 @@ def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None
     The targets are matched exactly as `apply_adapters(model, method,
     targets)` matches them; the model is not changed. Each layer's stable
     rank (`keras_adaptive_lora.spectral.stable_rank` of the kernel's matrix
-    view) is computed once; for SR-LoRA the ranks are then allocated with the
-    same `allocate_ranks` call as `plan_ranks` / `apply_adapters` (budget and
-    cap included), for the other methods they are the configured rank.
+    view) is computed once; the ranks, capacities and parameters are the
+    method's own `plan(layers)`, the same plan `apply_adapters` builds
+    (SR-LoRA's budget and cap included).
 
     Args:
         model: a built keras-hub backbone / task model or Keras model.
-        method: a method name ("lora", "sr-lora", "flexlora", "sinc") or a
-            method spec (`LoRA`, `StableRankLoRA`, `FlexLoRA`, `SincLoRA`).
-            Defaults to "lora".
+        method: a registered method name (`method_names()`: "lora",
+            "sr-lora", "flexlora", "sinc", ...) or a method spec. Defaults to
+            "lora".
         rank: with a method name, see `make_method`. Defaults to None.
         budget: with a method name, see `make_method`. Defaults to None.
         max_rank: with a method name, see `make_method`. Defaults to None.
@@ -183,45 +211,44 @@ def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None
     """
     if isinstance(method, str):
         method = make_method(method, rank=rank, budget=budget, max_rank=max_rank)
-    elif isinstance(method, tuple(METHODS.values())):
+    elif isinstance(method, AdapterMethod) and method_of(method) is not None:
         if (rank, budget, max_rank) != (None, None, None):
             raise ValueError(
                 "`rank`, `budget` and `max_rank` go with a method name; a method "
                 f"spec ({method!r}) already carries its own."
             )
     else:
-        kind = "an unsupported method spec" if isinstance(method, AdapterMethod) else "not a method"
+        kind = "an unregistered method spec" if isinstance(method, AdapterMethod) else "not a method"
         raise ValueError(
-            f"`method` must be one of {sorted(METHODS)} or a LoRA / StableRankLoRA "
-            f"/ FlexLoRA / SincLoRA spec; got {method!r} ({kind})."
+            f"`method` must be one of {list(method_names())} or a registered method "
+            f"spec; got {method!r} ({kind})."
         )
     if progress is not None and not callable(progress):
         raise ValueError(f"`progress` must be callable or None, got {progress!r}.")
     layers = [layer for _, layer in match_targets(model, method, targets)]
-    views = [kernel_view(layer) for layer in layers]
-    sr_lora = isinstance(method, StableRankLoRA)
-    plan = None if sr_lora else _fixed_rank_plan(method, layers, views)  # checks first
+    plan = method.plan(layers)  # checks ranks before the slow part
     sranks = []
-    for done, layer in enumerate(layers, 1):
-        sranks.append(stable_rank(layer))
+    for done, (layer, entry) in enumerate(zip(layers, plan), 1):
+        srank = entry.stable_rank
+        sranks.append(stable_rank(layer) if srank is None else srank)
         if progress is not None:
             progress(done, len(layers), layer.path or layer.name)
-    if sr_lora:
-        plan = _stable_rank_plan(method, sranks, views)
-    rows = [
-        {
-            "path": layer.path or layer.name,
-            "type": type(layer).__name__,
-            "kernel_shape": tuple(int(d) for d in layer.kernel.shape),
-            "d_in": view.d_in,
-            "d_out": view.d_out,
-            "stable_rank": srank,
-            "rank": int(rank),
-            "capacity": capacity,
-            "params": int(params),
-        }
-        for layer, view, srank, (rank, capacity, params) in zip(layers, views, sranks, plan)
-    ]
+    rows = []
+    for layer, srank, entry in zip(layers, sranks, plan):
+        view = kernel_view(layer)
+        rows.append(
+            {
+                "path": layer.path or layer.name,
+                "type": type(layer).__name__,
+                "kernel_shape": tuple(int(d) for d in layer.kernel.shape),
+                "d_in": view.d_in,
+                "d_out": view.d_out,
+                "stable_rank": srank,
+                "rank": int(entry.rank),
+                "capacity": int(entry.capacity),
+                "params": int(entry.params),
+            }
+        )
     return InspectionReport(
         model_name=model_name or type(model).__name__,
         method=method,
@@ -231,35 +258,30 @@ def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None
 
 
 def format_report(report):
-    """The report as a text table with totals (what the CLI prints)."""
-    flex = isinstance(report.method, FlexLoRA)
+    """The report as a text table with totals (what the CLI prints).
+
+    When a method's capacity differs from its starting rank (FlexLoRA), the
+    rank column shows `rank/capacity` and the totals the capacity.
+    """
+    movable = any(r["capacity"] != r["rank"] for r in report.rows)
     headers = ("layer path", "kernel shape", "d_in x d_out", "stable rank",
-               "rank/R" if flex else "rank", "params")
+               "rank/R" if movable else "rank", "params")
     cells = [
         (
             r["path"],
             "(" + ", ".join(str(d) for d in r["kernel_shape"]) + ")",
             f"{r['d_in']} x {r['d_out']}",
             f"{r['stable_rank']:.2f}",
-            f"{r['rank']}/{r['capacity']}" if flex else str(r["rank"]),
+            f"{r['rank']}/{r['capacity']}" if movable else str(r["rank"]),
             f"{r['params']:,}",
         )
         for r in report.rows
     ]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-
-    def line(values):
-        return "  ".join(
-            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
-        )
-
-    name = _DISPLAY[type(report.method)]
-    rule = line(["-" * w for w in widths])
+    table, rule = format_table(headers, cells)
+    title = method_of(report.method).title
     out = [
-        f"{name} plan for {report.model_name}: {len(report.rows)} target layers ({report.method!r})",
-        line(headers),
-        rule,
-        *(line(c) for c in cells),
+        f"{title} plan for {report.model_name}: {len(report.rows)} target layers ({report.method!r})",
+        *table,
         rule,
     ]
     share = 100.0 * report.adapter_params / max(report.model_params, 1)
@@ -268,15 +290,45 @@ def format_report(report):
         f"{report.model_params:,} || trainable%: {share:.4f}"
     )
     total_rank = sum(report.ranks)
-    if flex:
+    if movable:
         capacity = sum(r["capacity"] for r in report.rows)
         out.append(
-            f"total active rank (FlexLoRA's budget, constant in training): {total_rank}; "
+            f"total active rank (the method's budget, constant in training): {total_rank}; "
             f"capacity: {capacity}"
         )
     else:
         out.append(f"total rank: {total_rank}")
     return "\n".join(out)
+
+
+def update_stable_ranks(model):
+    """The stable rank of each adapter's update `ΔW`, per adapted layer.
+
+    `srank(ΔW) = ||ΔW||_F^2 / sigma_1(ΔW)^2` of the `(d_in, d_out)` update
+    (`adapter.delta_kernel()`, scaling included) of every adapter in `model`,
+    whatever its method. For LoRA-style adapters it is at most the rank; for
+    `SincLoRA` it is learned and may exceed it (LR-LoRA paper, section 3.3).
+    A zero update (e.g. at initialization) reports `0.0`.
+
+    Args:
+        model: a Keras model (or layer) holding adapters, or one adapter.
+
+    Returns:
+        A dict `{layer path: stable rank (float)}`, in the model's layer order.
+
+    Example:
+    ```python
+    apply_adapters(backbone, SincLoRA(rank=8))
+    backbone.fit(...)  # or a task model holding the backbone
+    for path, srank in update_stable_ranks(backbone).items():
+        print(f"{path}: {srank:.2f}")
+    ```
+    """
+    adapters = [model] if isinstance(model, AdapterLayer) else find_adapters(model)
+    return {
+        (adapter.path or adapter.name): float(stable_rank(adapter.delta_kernel()))
+        for adapter in adapters
+    }
 
 
 def load_model(source):

@@ -1,4 +1,6 @@
-"""Spectral quantities of projection kernels, computed with `keras.ops`.
+"""Spectral quantities of matrices: the stable rank (SR-LoRA) and the spectral
+entropy importance (FlexLoRA). Matrices only: a projection layer is turned
+into its `(d_in, d_out)` matrix view by `core.quantization.kernel_matrix`.
 
 `stable_rank(W) = ||W||_F^2 / sigma_1(W)^2` (SR-LoRA, Sec. 3.1). Only the top
 singular value is needed, so no SVD is formed: `sigma_1^2` is the largest
@@ -18,11 +20,17 @@ with p = 32 still needs 9-10 block steps for a 1e-3 relative error against
 eigenvalue, single-vector Lanczos is the best use of a pass over `W`.
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import AdapterLayer, kernel_matrix
+from keras_adaptive_lora.core.kernel_view import base_layer, is_projection
+from keras_adaptive_lora.core.quantization import kernel_matrix
+
+#: The `ε` of FlexLoRA's importance score (paper eq. 3).
+ENTROPY_EPS = 1e-12
 
 #: Seed of the fixed start vector: the iteration is deterministic.
 _START_SEED = 20240613
@@ -40,9 +48,7 @@ _CALM_STEPS = 2
 
 def _as_matrix(x):
     """A float32 2-D tensor from a layer, an adapter, a variable or an array."""
-    if isinstance(x, AdapterLayer) or isinstance(
-        x, (keras.layers.Dense, keras.layers.EinsumDense)
-    ):
+    if is_projection(base_layer(x)):
         return kernel_matrix(x)
     if isinstance(x, keras.layers.Layer):
         raise ValueError(
@@ -268,3 +274,52 @@ def stable_rank(x, *, max_iterations=100, tol=1e-4):
     # mathematically possible range.
     limit = float(min(int(d) for d in matrix.shape))
     return float(np.clip(1.0 / sigma1_sq, 1.0, limit))
+
+
+def spectral_entropy_importance(singular_values, mask=None, eps=ENTROPY_EPS):
+    """Normalized spectral entropy of the active singular values (paper eq. 3).
+
+    `s_i = λ_i² / Σ_j λ_j²` and `I = −(1 / log r) Σ_i s_i log(s_i + ε)` over the
+    `r` active components. Always finite: `I = 0` when `r <= 1` (the reference
+    code divides by `log 1 = 0` and returns NaN, which its top-k then ranks
+    first) and when every active `λ` is zero (no spectrum to measure).
+    Computed in float64 numpy: it runs in the callback, outside the compiled
+    train step.
+
+    Args:
+        singular_values: the `λ` vector, shape `(R,)` (array-like or tensor).
+        mask: optional active mask, shape `(R,)`; nonzero entries are active.
+            Defaults to all components active.
+        eps: the `ε` inside the logarithm. Defaults to 1e-12.
+
+    Returns:
+        A Python float in `[0, 1]` (up to `ε`).
+
+    Example:
+    ```python
+    spectral_entropy_importance([1.0, 1.0, 1.0])        # 1.0 (flat spectrum)
+    spectral_entropy_importance([1.0, 0.0], [1, 1])     # ~0.0 (one direction)
+    ```
+    """
+    lam = np.asarray(ops.convert_to_numpy(singular_values), dtype=np.float64).reshape(-1)
+    if mask is not None:
+        m = np.asarray(ops.convert_to_numpy(mask)).reshape(-1)
+        if m.shape != lam.shape:
+            raise ValueError(
+                f"`mask` has shape {m.shape} but `singular_values` has shape "
+                f"{lam.shape}; they must match."
+            )
+        lam = lam[m != 0]
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(
+            "The singular values contain NaN or inf; the importance score is "
+            "undefined. Training has diverged (lower the learning rate, or add "
+            "`keras.callbacks.TerminateOnNaN()`)."
+        )
+    r = lam.size
+    energy = lam * lam
+    total = float(energy.sum())
+    if r <= 1 or not total > 0.0:
+        return 0.0
+    s = energy / total
+    return float(-np.sum(s * np.log(s + eps)) / math.log(r))

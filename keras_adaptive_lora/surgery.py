@@ -1,162 +1,28 @@
 """Model surgery: put adapters on the projections of a built model and take them off.
 
-Layers are found by walking the layer tree (`layer._layers`, the tracked
-sublayers) and matched by `layer.path` and type, never by list index. A match
-is swapped in its parent everywhere the parent refers to it: attributes, lists
-of layers, the parent's layer tracker and, for functional models, the nodes of
-the graph.
+Layers are found by walking the layer tree (`core.tree.walk`) and matched by
+`layer.path` and type, never by list index; the swap itself is
+`core.tree.swap_layer`.
 """
 
 import json
 import re
 
-import keras
-import numpy as np
-
-from keras_adaptive_lora.adapters.base import AdapterLayer, AdapterMethod
+from keras_adaptive_lora.core.adapter import AdapterLayer
+from keras_adaptive_lora.core.method import AdapterMethod, method_of
+from keras_adaptive_lora.core.tree import (
+    PROJECTION_TYPES,
+    find_adapters,
+    layer_path,
+    reset_compiled_functions,
+    short_name,
+    swap_layer,
+    walk,
+)
+from keras_adaptive_lora.reports import build_report
 from keras_adaptive_lora.targets import detect_architecture
 
-PROJECTION_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-# Functional graph bookkeeping, handled by `_replace_in_functional`.
-_INTERNAL_LISTS = ("_operations",)
-
-
-# --------------------------------------------------------------------------
-# Walking the layer tree
-# --------------------------------------------------------------------------
-def _children(layer):
-    """Direct sublayers of `layer`, in tracking order, without duplicates."""
-    seen, out = set(), []
-    for child in getattr(layer, "_layers", []) or []:
-        if isinstance(child, keras.layers.Layer) and id(child) not in seen:
-            seen.add(id(child))
-            out.append(child)
-    return out
-
-
-def walk(model):
-    """Yield `(parent, layer)` for every sublayer reachable from `model`.
-
-    Depth-first, in tracking order. Adapters are yielded but not descended
-    into (the layer they wrap is theirs). Each layer object is yielded once.
-    """
-    seen = {id(model)}
-
-    def visit(parent):
-        for child in _children(parent):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            yield parent, child
-            if not isinstance(child, AdapterLayer):
-                yield from visit(child)
-
-    yield from visit(model)
-
-
-def find_adapters(model):
-    """All `AdapterLayer`s in `model`, in walk order."""
-    return [layer for _, layer in walk(model) if isinstance(layer, AdapterLayer)]
-
-
-def _path(layer):
-    return layer.path or layer.name
-
-
-def _short_name(layer):
-    return _path(layer).rsplit("/", 1)[-1]
-
-
-# --------------------------------------------------------------------------
-# Swapping a layer in its parent
-# --------------------------------------------------------------------------
-def _replace_in_functional(function, old, new):
-    """Replace operation `old` by `new` in a functional graph, in place.
-
-    Updates the operation lists, every node (and the `KerasHistory` of its
-    output tensors) and the graph's node keys, which embed `id(operation)`.
-    """
-    if not hasattr(function, "_nodes_by_depth"):
-        return
-    # In place: reassigning these attributes would re-track them.
-    for ops in [function._operations, *getattr(function, "_operations_by_depth", {}).values()]:
-        for i, op in enumerate(ops):
-            if op is old:
-                ops[i] = new
-    for node in getattr(old, "_inbound_nodes", []):
-        node.operation = new
-        for tensor in node.outputs:
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None and history.operation is old:
-                tensor._keras_history = history._replace(operation=new)
-    for nodes in function._nodes_by_depth.values():
-        for node in nodes:
-            if node.operation is old:
-                node.operation = new
-    old_prefix, new_prefix = f"{id(old)}_ib-", f"{id(new)}_ib-"
-    function._nodes = {
-        new_prefix + key[len(old_prefix) :] if key.startswith(old_prefix) else key
-        for key in function._nodes
-    }
-    new._inbound_nodes = list(getattr(old, "_inbound_nodes", []))
-    new._outbound_nodes = list(getattr(old, "_outbound_nodes", []))
-
-
-def swap_layer(parent, old, new):
-    """Make `parent` use `new` wherever it used `old`, in place.
-
-    The tracker's layer store is updated first, in place, so the order of
-    sublayers (and of their variables) is kept.
-    """
-    tracker = getattr(parent, "_tracker", None)
-    if tracker is not None:
-        tracker.unlock()
-    try:
-        if tracker is not None and tracker.is_in_store("layers", old):
-            if tracker.is_in_store("layers", new):
-                tracker.config["layers"][1].remove(old)
-                tracker.stored_ids["layers"].discard(id(old))
-            else:
-                tracker.replace_tracked_value("layers", old, new)
-        attrs = dict(vars(parent))
-        attrs.update(getattr(parent, "_modules", {}) or {})
-        for attr, value in attrs.items():
-            if attr in _INTERNAL_LISTS or attr == "_tracker":
-                continue
-            if value is old:
-                setattr(parent, attr, new)
-            elif isinstance(value, list) and any(v is old for v in value):
-                for i, v in enumerate(value):
-                    if v is old:
-                        value[i] = new
-            elif isinstance(value, dict) and any(v is old for v in value.values()):
-                for key, v in list(value.items()):
-                    if v is old:
-                        value[key] = new
-        _replace_in_functional(parent, old, new)
-        functional = getattr(parent, "_functional", None)
-        if functional is not None:  # a built Sequential model
-            tracked = getattr(functional, "_tracker", None)
-            if tracked is not None:
-                tracked.unlock()
-            try:
-                _replace_in_functional(functional, old, new)
-                if tracked is not None and tracked.is_in_store("layers", old):
-                    tracked.replace_tracked_value("layers", old, new)
-            finally:
-                if tracked is not None:
-                    tracked.lock()
-    finally:
-        if tracker is not None:
-            tracker.lock()
-    _reset_compiled_functions(parent)
-
-
-def _reset_compiled_functions(model):
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +31,7 @@ def _reset_compiled_functions(model):
 def _candidate_names(model):
     names = sorted(
         {
-            _short_name(layer)
+            short_name(layer)
             for _, layer in walk(model)
             if isinstance(layer, PROJECTION_TYPES + (AdapterLayer,))
         }
@@ -187,8 +53,8 @@ def _scope_for_all_linear(model, train_also_layers):
 
 def _matches(pattern, layer):
     if _NAME_RE.match(pattern):
-        return _short_name(layer) == pattern
-    return re.fullmatch(pattern, _path(layer)) is not None
+        return short_name(layer) == pattern
+    return re.fullmatch(pattern, layer_path(layer)) is not None
 
 
 def _resolve_targets(model, method, targets):
@@ -239,7 +105,7 @@ def match_targets(model, method, targets=None, train_also=()):
             ]
             if not projections:
                 if hits:
-                    kinds = ", ".join(f"'{_path(layer)}' ({type(layer).__name__})" for _, layer in hits[:5])
+                    kinds = ", ".join(f"'{layer_path(layer)}' ({type(layer).__name__})" for _, layer in hits[:5])
                     raise ValueError(
                         f"Target {pattern!r} matches {kinds}, which is not a "
                         "keras.layers.Dense or keras.layers.EinsumDense. Name "
@@ -260,7 +126,7 @@ def match_targets(model, method, targets=None, train_also=()):
     adapted = [layer for _, layer in sites if isinstance(layer, AdapterLayer)]
     if adapted:
         raise ValueError(
-            f"Layer '{_path(adapted[0])}' already has an adapter "
+            f"Layer '{layer_path(adapted[0])}' already has an adapter "
             f"({type(adapted[0]).__name__}); {len(adapted)} of the targeted layers "
             "are adapted. Call `merge_adapters(model)` first, or target other layers."
         )
@@ -277,94 +143,10 @@ def _find_named(model, names, what):
         if not hits:
             raise ValueError(
                 f"`{what}` entry {name!r} matched no layer of {type(model).__name__}. "
-                f"Layer names include: {sorted({_short_name(l) for l in every})[:40]}."
+                f"Layer names include: {sorted({short_name(l) for l in every})[:40]}."
             )
         found.extend(hits)
     return found
-
-
-# --------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------
-class AdapterReport:
-    """What `apply_adapters` did: one row per adapted layer, plus totals.
-
-    Attributes:
-        rows: list of dicts with keys `path`, `type`, `d_in`, `d_out`, `rank`,
-            `params` (trainable adapter parameters).
-        adapter_params: trainable parameters in adapters.
-        train_also_params: trainable parameters of the `train_also` layers.
-        trainable_params: all trainable parameters of the model.
-        total_params: all parameters of the model.
-    """
-
-    def __init__(self, method, rows, train_also_params, trainable_params, total_params):
-        self.method = method
-        self.rows = rows
-        self.adapter_params = int(sum(r["params"] for r in rows))
-        self.train_also_params = int(train_also_params)
-        self.trainable_params = int(trainable_params)
-        self.total_params = int(total_params)
-
-    @property
-    def trainable_fraction(self):
-        return self.trainable_params / max(self.total_params, 1)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __str__(self):
-        headers = ("layer path", "type", "d_in", "d_out", "rank", "params")
-        cells = [
-            (r["path"], r["type"], str(r["d_in"]), str(r["d_out"]), str(r["rank"]), f"{r['params']:,}")
-            for r in self.rows
-        ]
-        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-
-        def line(values):
-            return "  ".join(
-                v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
-            )
-
-        out = [f"{self.method!r} on {len(self.rows)} layers", line(headers), line(["-" * w for w in widths])]
-        out += [line(c) for c in cells]
-        out.append(line(["-" * w for w in widths]))
-        out.append(f"adapter params: {self.adapter_params:,}")
-        if self.train_also_params:
-            out.append(f"train_also params: {self.train_also_params:,}")
-        out.append(
-            f"trainable params: {self.trainable_params:,} || all params: "
-            f"{self.total_params:,} || trainable%: {100 * self.trainable_fraction:.4f}"
-        )
-        return "\n".join(out)
-
-    __repr__ = __str__
-
-
-def _count(variables):
-    return int(sum(np.prod(v.shape) for v in variables))
-
-
-def build_report(model, method, adapters, train_also_layers=()):
-    rows = [
-        {
-            "path": _path(a),
-            "type": type(a.wrapped).__name__,
-            "d_in": a.d_in,
-            "d_out": a.d_out,
-            "rank": int(a.rank()),
-            "params": a.trainable_parameter_count(),
-        }
-        for a in adapters
-    ]
-    train_also_vars = {id(v): v for layer in train_also_layers for v in layer.trainable_weights}
-    return AdapterReport(
-        method,
-        rows,
-        _count(train_also_vars.values()),
-        _count(model.trainable_weights),
-        _count(model.weights),
-    )
 
 
 # --------------------------------------------------------------------------
@@ -429,6 +211,7 @@ def method_spec(method, targets):
     on each adapter as `adapter.method_spec`, written by `save_adapters`)."""
     return json.dumps(
         {
+            "name": getattr(method_of(method), "name", None),
             "class_name": type(method).__name__,
             "config": method.get_config(),
             "targets": targets,
@@ -450,7 +233,7 @@ def install_adapters(model, swaps, keep_trainable=()):
     """
     for parent, layer, adapter in swaps:
         swap_layer(parent, layer, adapter)
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     keep = {id(v) for a in find_adapters(model) for v in a.trainable_weights}
     keep |= {id(v) for v in keep_trainable}
     for variable in model.weights:
@@ -481,5 +264,5 @@ def merge_adapters(model, *, quantize=None):
     merged = [adapter.merge(quantize=quantize) for _, adapter in sites]  # all or nothing
     for (parent, adapter), layer in zip(sites, merged):
         swap_layer(parent, adapter, layer)
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return len(sites)

@@ -1,6 +1,6 @@
 """Per-architecture target presets: which projection layers each method adapts.
 
-Layer names are the keras-hub 0.32 names (see DESIGN.md); matching is by the
+Layer names are the keras-hub 0.32 names (see docs/methods.md); matching is by the
 last component of `layer.path` and by type, never by list index.
 """
 

@@ -1,4 +1,4 @@
-"""`keras_adaptive_lora.backend_shim.sequential_fori_loop` on every backend.
+"""`keras_adaptive_lora.backend.sequential_fori_loop` on every backend.
 
 (`torch_data_parallel` is tested in test_distribution.py.)
 """
@@ -9,7 +9,7 @@ import pytest
 from keras import ops
 
 from conftest import to_numpy
-from keras_adaptive_lora.backend_shim import sequential_fori_loop
+from keras_adaptive_lora.backend import sequential_fori_loop
 
 BACKEND = keras.backend.backend()
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.backend_shim import torch_data_parallel
+from keras_adaptive_lora.backend import torch_data_parallel
 from keras_adaptive_lora.distribution import adapter_layouts, distribute_adapters, layout_map_for
 
 from conftest import tiny_gemma
@@ -509,9 +509,13 @@ def test_layout_map_for_dense_and_ambiguous_square_factors():
     layout_map = layout_map_for(model, base)
     assert axes_of(layout_map, "wide/lora_a") == (B, None)
     assert axes_of(layout_map, "wide/lora_b") == (None, M)
-    # (4, 4) factors of a rank-4 adapter on a 4x4 kernel could be A or B.
-    assert axes_of(layout_map, "square/lora_a") == (None, None)
-    assert axes_of(layout_map, "square/lora_b") == (None, None)
+    # (4, 4) factors of a rank-4 adapter on a 4x4 kernel: LoRA names its
+    # factors (`factor_roles`), so A follows the input axis, B the output.
+    assert axes_of(layout_map, "square/lora_a") == (B, None)
+    assert axes_of(layout_map, "square/lora_b") == (None, M)
+    # The default roles (by shape) cannot tell them apart: replicated.
+    square = next(a for a in kal.find_adapters(model) if a.name == "square")
+    assert kal.AdapterLayer.factor_roles(square) == {"lora_a": None, "lora_b": None}
 
 
 def test_layout_map_for_without_base_map_replicates(adapted):

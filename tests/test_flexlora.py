@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.adapters.flexlora import (
+from keras_adaptive_lora.methods.flexlora import (
     FlexLoRA,
     FlexLoRAAdapter,
     budget_schedule,
     rank_pattern,
-    spectral_entropy_importance,
 )
-from keras_adaptive_lora.callbacks import FlexLoRAScheduler, reset_optimizer_slots
+from keras_adaptive_lora.spectral import spectral_entropy_importance
+from keras_adaptive_lora.core.optimizer_slots import reset_optimizer_slots
+from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
 from conftest import tiny_gemma, to_numpy, token_batch

@@ -17,7 +17,7 @@ from conftest import tiny_gemma, tiny_vit, to_numpy
 
 import keras_adaptive_lora as kal
 from keras_adaptive_lora import cli, inspection
-from keras_adaptive_lora.surgery import walk
+from keras_adaptive_lora.core.tree import walk
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_format_report(presets):
     model = inspection.load_model(presets["gemma"][0])
     flex = str(inspection.inspect_model(model, "flexlora", rank=1))
     assert "rank/R" in flex and "1/2" in flex
-    assert "total active rank (FlexLoRA's budget, constant in training): 7; capacity: 14" in flex
+    assert "total active rank (the method's budget, constant in training): 7; capacity: 14" in flex
     report = inspection.inspect_model(model, "lora", rank=2)
     text = inspection.format_report(report)
     lines = text.splitlines()
@@ -158,11 +158,11 @@ def test_errors(presets, tmp_path):
     model = inspection.load_model(presets["gemma"][0])
     with pytest.raises(ValueError, match="Unknown method 'adalora'"):
         inspection.inspect_model(model, "adalora")
-    with pytest.raises(ValueError, match="`rank` does not apply"):
+    with pytest.raises(ValueError, match="`rank` does not apply to sr-lora .*its options are alpha"):
         inspection.inspect_model(model, "sr-lora", rank=4)
-    with pytest.raises(ValueError, match="`budget`.*applies to sr-lora only"):
+    with pytest.raises(ValueError, match="`budget` does not apply to lora .*Methods with `budget`: sr-lora.$"):
         inspection.inspect_model(model, "lora", budget=100)
-    with pytest.raises(ValueError, match="`max_rank` applies to sr-lora"):
+    with pytest.raises(ValueError, match="`max_rank` does not apply to sinc .*Methods with `max_rank`: sr-lora, flexlora."):
         inspection.inspect_model(model, "sinc", max_rank=4)
     with pytest.raises(ValueError, match="go with a method name"):
         inspection.inspect_model(model, kal.LoRA(rank=2), rank=3)

@@ -1,10 +1,12 @@
 """Adapter-only files (`save_adapters`/`load_adapters`) and each of their
 error cases, the `.keras` and `save_to_preset` guards, weights-only
-checkpoints and `save_merged`. Runs under every KERAS_BACKEND. Resume,
+checkpoints, `save_merged`, and failed writes that leave the previous file
+or SavedModel as it was. Runs under every KERAS_BACKEND. Resume,
 cross-backend moves and SavedModel export for every method are in
 `test_persistence_matrix.py`."""
 
 import json
+import os
 
 import keras
 import keras_hub
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.io import _own_variables
+from keras_adaptive_lora.saving import read_adapter_file
+from keras_adaptive_lora.saving._atomic import replacing_folder
+from keras_adaptive_lora.saving.export import _SAVED_MODEL_ENTRIES
 
 from conftest import tiny_gemma, to_numpy, token_batch
 
@@ -289,7 +293,7 @@ def test_save_to_preset_with_unmerged_adapters_raises(name, tmp_path):
     backbone = tiny_gemma()
     kal.apply_adapters(backbone, METHODS[name]())
     for adapter in kal.find_adapters(backbone):  # a nonzero update
-        for _, variable in _own_variables(adapter):
+        for _, variable in adapter.own_variables():
             if variable.trainable:
                 variable.assign(np.full(variable.shape, 0.2, "float32"))
     message = r"unmerged .*save_to_preset.*merge_adapters.*save_adapters"
@@ -344,3 +348,191 @@ def test_weights_store_holds_seed_generator_state():
     store = {}
     adapter.save_own_variables(store)
     assert len(store) == 3 and store["2"] is adapter._dropout_layer.seed_generator.state
+
+
+# --------------------------------------------------------------------------
+# A failed write leaves the previous file or folder as it was
+# --------------------------------------------------------------------------
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_failed_save_adapters_keeps_previous_file(error, tmp_path, monkeypatch):
+    backbone = tiny_gemma()
+    path = _saved(backbone, tmp_path)  # lora_b = 0.1
+    before = (tmp_path / "adapters.npz").read_bytes()
+    for a in kal.find_adapters(backbone):
+        a.lora_b.assign(np.full(a.lora_b.shape, 0.7, "float32"))
+    written = []
+
+    def savez(file, *args, **kwargs):  # half a zip, then the disk is full
+        written.append(file.name)
+        file.write(b"PK\x03\x04half a zip")
+        raise error("disk full")
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(error, match="disk full"):
+        kal.save_adapters(backbone, path)
+    with pytest.raises(error, match="disk full"):  # no previous file: none appears
+        kal.save_adapters(backbone, str(tmp_path / "new.npz"))
+    monkeypatch.undo()
+    assert len(written) == 2
+    assert all(os.path.dirname(w) == os.path.realpath(tmp_path) for w in written)
+    assert _listing(tmp_path) == ["adapters.npz"]  # no temporary left behind
+    assert (tmp_path / "adapters.npz").read_bytes() == before
+    fresh = tiny_gemma()
+    kal.load_adapters(fresh, path)
+    for a in kal.find_adapters(fresh):
+        np.testing.assert_array_equal(to_numpy(a.lora_b), np.full(a.lora_b.shape, 0.1, "float32"))
+    # A save that succeeds replaces the file.
+    kal.save_adapters(backbone, path)
+    _, arrays = read_adapter_file(path)
+    lora_b = [v for k, v in arrays.items() if k.endswith("::lora_b")]
+    assert len(lora_b) == 2 and all(np.all(v == np.float32(0.7)) for v in lora_b)
+    assert _listing(tmp_path) == ["adapters.npz"]
+
+
+def _adapted_functional(value):
+    model = _functional()
+    kal.apply_adapters(model, kal.LoRA(rank=2), targets=["hidden"])
+    adapter = kal.find_adapters(model)[0]
+    adapter.lora_b.assign(np.full(adapter.lora_b.shape, value, "float32"))
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    return model, adapter, x
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_failed_save_merged_keeps_previous_file(error, tmp_path, monkeypatch):
+    model, adapter, x = _adapted_functional(0.3)
+    old = to_numpy(model(x))
+    path = str(tmp_path / "merged.keras")
+    kal.save_merged(model, path)
+    before = (tmp_path / "merged.keras").read_bytes()
+    adapter.lora_b.assign(np.full(adapter.lora_b.shape, -0.5, "float32"))
+    new = to_numpy(model(x))
+    written = []
+
+    def save(self, filepath, *args, **kwargs):  # half a zip, then the disk is full
+        written.append(str(filepath))
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04half a zip")
+        raise error("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", save)
+    with pytest.raises(error, match="disk full"):
+        kal.save_merged(model, path)
+    monkeypatch.undo()
+    assert len(written) == 1 and written[0].endswith(".keras")  # Keras checks the suffix
+    assert os.path.dirname(written[0]) == os.path.realpath(tmp_path)
+    assert _listing(tmp_path) == ["merged.keras"]
+    assert (tmp_path / "merged.keras").read_bytes() == before
+    np.testing.assert_allclose(to_numpy(keras.saving.load_model(path)(x)), old, atol=1e-5)
+    # The model got its adapters back, unmerged.
+    assert kal.find_adapters(model) == [adapter]
+    np.testing.assert_array_equal(to_numpy(model(x)), new)
+    # A save that succeeds replaces the file; another suffix is refused.
+    kal.save_merged(model, path)
+    np.testing.assert_allclose(to_numpy(keras.saving.load_model(path)(x)), new, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'.*merged\.bin' does not end in `\.keras`"):
+        kal.save_merged(model, str(tmp_path / "merged.bin"))
+    assert _listing(tmp_path) == ["merged.keras"] and kal.find_adapters(model) == [adapter]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="SavedModel export needs tensorflow"
+)
+def test_failed_export_merged_keeps_previous_saved_model(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    def serve(path):
+        saved = tf.saved_model.load(path)  # kept alive while serving
+        return np.asarray(saved.serve(tf.constant(x)))
+
+    model, adapter, x = _adapted_functional(0.3)
+    old = to_numpy(model(x))
+    path = str(tmp_path / "saved_model")
+    kal.export_merged(model, path)
+    # What an export writes can be replaced by the next export.
+    assert set(os.listdir(path)) <= set(_SAVED_MODEL_ENTRIES)
+    adapter.lora_b.assign(np.full(adapter.lora_b.shape, -0.5, "float32"))
+    new = to_numpy(model(x))
+
+    def export(self, filepath, *args, **kwargs):  # part of a SavedModel, then a failure
+        os.makedirs(filepath)
+        with open(os.path.join(filepath, "saved_model.pb"), "wb") as f:
+            f.write(b"half a graph")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "export", export)
+    with pytest.raises(OSError, match="disk full"):
+        kal.export_merged(model, path)
+    monkeypatch.undo()
+    assert _listing(tmp_path) == ["saved_model"]
+    np.testing.assert_allclose(serve(path), old, atol=1e-5)
+    assert kal.find_adapters(model) == [adapter]
+    # An export that succeeds replaces the SavedModel as a whole.
+    kal.export_merged(model, path)
+    assert _listing(tmp_path) == ["saved_model"]
+    np.testing.assert_allclose(serve(path), new, atol=1e-5)
+    # A folder holding anything else is refused and left alone.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"'notes\.txt'.*nothing was written"):
+        kal.export_merged(model, str(other))
+    assert _listing(other) == ["notes.txt"] and (other / "notes.txt").read_text() == "keep"
+    assert _listing(tmp_path) == ["notes", "saved_model"]
+
+
+def test_replacing_folder_swaps_all_or_nothing(tmp_path, monkeypatch):
+    """The folder swap of `export_merged`, under every backend."""
+    target = tmp_path / "out"
+    entries = ["saved_model.pb", "variables"]
+
+    def write(folder, text):
+        os.makedirs(os.path.join(folder, "variables"))
+        with open(os.path.join(folder, "saved_model.pb"), "w") as f:
+            f.write(text)
+
+    def content():
+        assert _listing(tmp_path) == ["out"]  # no temporary or old folder left
+        return (target / "saved_model.pb").read_text()
+
+    with replacing_folder(target, entries) as temp:
+        assert not os.path.exists(temp) and os.path.dirname(temp) == os.path.realpath(tmp_path)
+        write(temp, "one")
+    assert content() == "one"
+    # Failing while writing: the old folder stays.
+    with pytest.raises(RuntimeError, match="halfway"):
+        with replacing_folder(target, entries) as temp:
+            write(temp, "half")
+            raise RuntimeError("halfway")
+    assert content() == "one"
+    # Failing to rename the new folder in: the old one is renamed back.
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in os.path.basename(src):
+            raise OSError("rename failed")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with replacing_folder(target, entries) as temp:
+            write(temp, "two")
+    monkeypatch.undo()
+    assert content() == "one"
+    with replacing_folder(target, entries) as temp:
+        write(temp, "three")
+    assert content() == "three"
+    # Refused before anything is written: a file at the path, a folder
+    # holding other entries.
+    (target / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="'notes.txt'"):
+        with replacing_folder(target, entries):
+            pytest.fail("the block ran")
+    assert (target / "notes.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="not a folder"):
+        with replacing_folder(target / "notes.txt", entries):
+            pytest.fail("the block ran")

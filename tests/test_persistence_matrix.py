@@ -29,9 +29,7 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.adapters.flexlora import rank_pattern
-from keras_adaptive_lora.callbacks import FlexLoRAScheduler
-from keras_adaptive_lora.io import _own_variables
+from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler, rank_pattern
 
 from conftest import image_batch, tiny_gemma, tiny_vit, to_numpy, token_batch
 from test_io import METHODS, _lm
@@ -53,7 +51,7 @@ def _state(model):
     return {
         f"{a.path}::{name}": to_numpy(v)
         for a in kal.find_adapters(model)
-        for name, v in _own_variables(a)
+        for name, v in a.own_variables()
     }
 
 
@@ -279,7 +277,7 @@ def _perturb(model, seed=0):
     """Set every adapter variable to seeded non-default values (masks 0/1)."""
     rng = np.random.default_rng(seed)
     for adapter in kal.find_adapters(model):
-        for name, variable in _own_variables(adapter):
+        for name, variable in adapter.own_variables():
             shape = tuple(variable.shape)
             if name == "flex_mask":
                 value = (rng.random(shape) < 0.6).astype("float32")

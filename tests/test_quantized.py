@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.adapters.base import dequantized_kernel
+from keras_adaptive_lora.core.quantization import dequantized_kernel
 from conftest import tiny_gemma, to_numpy, token_batch
 
 EPS = np.float32(1e-7)  # Keras's abs-max epsilon (backend.epsilon())

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_gemma, to_numpy, token_batch
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.callbacks import FlexLoRAScheduler
+from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler
 
 
 def tiny_lm():

@@ -19,8 +19,9 @@ from keras_adaptive_lora import (
     merge_adapters,
     update_stable_ranks,
 )
-from keras_adaptive_lora.adapters import sinc as sinc_module
-from keras_adaptive_lora.adapters.sinc import sin_cos_polynomial, sinc_grid, sinc_transfer
+from keras_adaptive_lora import backend as backend_module
+from keras_adaptive_lora.backend import sin_cos_polynomial
+from keras_adaptive_lora.methods.sinc import sinc_grid, sinc_transfer
 
 BACKEND = keras.backend.backend()
 UNIT_LOGIT = math.log(math.e - 1.0)
@@ -220,7 +221,7 @@ def test_transfer_keeps_no_grid_sized_tensor(monkeypatch):
     # create (64, 12, 10) tensors. Here temporaries are `(chunk, entries)`
     # with at most `_BLOCK_ELEMENTS` (here 40) entries, whatever the grid
     # size: nothing exceeds the input's size.
-    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(backend_module, "BLOCK_ELEMENTS", 40)
     grid = sinc_grid(64, 3.0)
     x = np.random.default_rng(0).normal(size=(12, 10))
     a = np.full(64, 0.1)
@@ -256,15 +257,15 @@ def test_blocked_assembles_pieces_with_a_shorter_last_block():
     tensor = ops.convert_to_tensor(source)
 
     def body(start, length):
-        piece = sinc_module._take(tensor, 1, start, length)
+        piece = backend_module.take_block(tensor, 1, start, length)
         rows = ops.reshape(ops.repeat(ops.transpose(piece), 2, axis=0)[:, :2], (2 * length, 2))
         return (rows, ops.multiply(piece, 2.0)), (ops.sum(piece, axis=1),)
 
     outputs = (
-        sinc_module._Output((14, 2), 0, unit=2, init=ops.convert_to_tensor(init)),
-        sinc_module._Output((3, 7), 1),
+        backend_module.BlockOutput((14, 2), 0, unit=2, init=ops.convert_to_tensor(init)),
+        backend_module.BlockOutput((3, 7), 1),
     )
-    (rows, doubled), (total,) = sinc_module._blocked(7, 3, body, outputs, ((3,),))
+    (rows, doubled), (total,) = backend_module.blocked(7, 3, body, outputs, ((3,),))
     want_rows = init + np.repeat(source.T, 2, axis=0)[:, :2]
     np.testing.assert_allclose(to_numpy(rows), want_rows, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(doubled), 2 * source, rtol=1e-6)
@@ -386,7 +387,7 @@ def test_attention_output_adapter_matches_numpy_gradients():
 
 def test_adapter_step_keeps_no_grid_sized_tensor(monkeypatch):
     # Row blocks of 4 x 10 entries, (chunk, 4) grid temporaries.
-    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(backend_module, "BLOCK_ELEMENTS", 40)
     layer = keras.layers.Dense(10, use_bias=False)
     layer.build((None, 12))
     adapter = SincLoRAAdapter(layer, rank=2, grid_size=64)
@@ -432,7 +433,7 @@ def test_compiled_step_holds_one_merged_kernel_whatever_the_grid_size(monkeypatc
     # kernel-sized temporary; SincLoRA's needs one merged kernel at a time
     # (measured: without the data dependency on x, XLA forms both merged
     # kernels first, LoRA + 2.4 kernels).
-    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(backend_module, "BLOCK_ELEMENTS", 4096)
     kernel_bytes = 64 * 256 * 4
     lora = compiled_temp_bytes(LoRAAdapter)
     small, large = (compiled_temp_bytes(SincLoRAAdapter, grid_size=k) for k in (20, 100))
@@ -669,7 +670,7 @@ def test_row_blocks_give_the_same_values_and_gradients(monkeypatch, block_elemen
     # entries, and the grid sums on `(chunk, entries)` temporaries of at most
     # as many entries; the tests above use one block. Here: one row (or one
     # head) per block and single-entry temporaries, then a few of each.
-    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(backend_module, "BLOCK_ELEMENTS", block_elements)
     test_transfer_value_matches_numpy()
     check_transfer_gradients(7)
     check_transfer_gradients(23)
@@ -682,7 +683,7 @@ def tensorflow_step_graph_nodes(block_elements, monkeypatch):
     """Nodes (with nested function bodies) of a traced loss-and-gradient step."""
     import tensorflow as tf
 
-    monkeypatch.setattr(sinc_module, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(backend_module, "BLOCK_ELEMENTS", block_elements)
     layer = keras.layers.Dense(64)
     layer.build((None, 32))
     adapter = SincLoRAAdapter(layer, rank=2, grid_size=6)

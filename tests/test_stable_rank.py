@@ -11,7 +11,7 @@ from conftest import tiny_gemma, tiny_vit, to_numpy, token_batch
 from keras import ops
 
 import keras_adaptive_lora as kal
-from keras_adaptive_lora.adapters.stable_rank import StableRankLoRAAdapter, allocate_ranks
+from keras_adaptive_lora.methods.sr_lora import StableRankLoRAAdapter, allocate_ranks
 from keras_adaptive_lora.spectral import stable_rank
 
 BACKEND = keras.backend.backend()

@@ -1,7 +1,8 @@
-"""The main job (`keras_adaptive_lora.transfer`) in its smallest offline
+"""The main job (`keras_adaptive_lora.apps.transfer`) in its smallest offline
 setting, end to end on the current backend (table, parameter counts, plot,
 results.json, the exported SavedModel against the model's predictions), the
-generated tasks of `keras_adaptive_lora.synthetic`, and the job's errors."""
+generated tasks of `keras_adaptive_lora.apps.transfer.synthetic`, and the
+job's errors."""
 
 import json
 import os
@@ -13,10 +14,12 @@ import pytest
 
 pytest.importorskip("tensorflow")  # tf.data pipelines and the SavedModel
 
-from keras_adaptive_lora import synthetic, transfer  # noqa: E402
+from keras_adaptive_lora.apps import transfer  # noqa: E402
+from keras_adaptive_lora.apps.transfer import cli, options, report, synthetic, train  # noqa: E402
+from keras_adaptive_lora.core.method import method_names  # noqa: E402
 
-QUICK = transfer.OFFLINE["quick"]
-ALL = transfer.METHODS + transfer.REFERENCE_METHODS
+QUICK = options.OFFLINE["quick"]
+ALL = options.all_methods()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +88,10 @@ def test_quick_run_trainable_parameter_counts(quick_run):
     assert sorted({p.rsplit("/", 1)[-1] for p in sr["ranks"]}) == ["attention_output", "query", "value"]
     assert sr["trainable_params"] == head + _adapter_params(sr["ranks"], shapes(sr["ranks"]))
     # FlexLoRA: capacity R per layer (A, B and lambda), every projection.
+    assert sr["capacity"] == sr["ranks"]  # fixed ranks: capacity is the rank
     flex = rows["flexlora"]
     assert len(flex["capacity"]) == 6 * layers
+    assert flex["initial_rank"] == 8 and flex["schedule"]  # its scheduler's settings
     assert flex["trainable_params"] == head + _adapter_params(
         flex["capacity"], shapes(flex["capacity"]), per_rank_extra=1
     )
@@ -152,18 +157,31 @@ def test_quick_run_exported_saved_model_matches_the_model(quick_run):
 # Pieces
 # --------------------------------------------------------------------------
 def test_parse_methods():
-    assert transfer.parse_methods(None, offline=False) == transfer.METHODS
-    assert transfer.parse_methods(None, offline=True) == ALL
-    assert transfer.parse_methods("sinc, LoRA,linear,lora") == ("linear", "lora", "sinc")
-    assert transfer.parse_methods(["all"], offline=False) == transfer.METHODS
+    compared = options.compared_methods()
+    assert compared == options.BASELINES + tuple(method_names())  # the registry's methods
+    assert options.parse_methods(None, offline=False) == compared
+    assert options.parse_methods(None, offline=True) == ALL == compared + ("scratch",)
+    assert options.parse_methods("sinc, LoRA,linear,lora") == ("linear", "lora", "sinc")
+    assert options.parse_methods(["all"], offline=False) == compared
 
 
-def test_flexlora_schedule_fits_the_scheduler():
-    assert transfer.flexlora_schedule(1) is None
-    assert transfer.flexlora_schedule(2) == {"warmup_steps": 0, "final_steps": 0, "interval": 1}
-    assert transfer.flexlora_schedule(200) == {"warmup_steps": 30, "final_steps": 30, "interval": 6}
-    for steps in (2, 3, 7, 20, 160, 1000):  # the scheduler accepts every setting
-        transfer.FlexLoRAScheduler(steps, **transfer.flexlora_schedule(steps))
+def test_titles_come_from_the_registry():
+    assert options.title("linear") == "linear probe" and options.title("scratch") == "from scratch"
+    assert options.title("sr-lora") == "SR-LoRA"
+    assert cli.description().endswith(f"{options.adapter_titles()[-1]}; offline by default.")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 20, 160, 1000])
+def test_every_method_builds_and_gives_its_callbacks(steps):
+    """Each registered method's spec from the job's generic options, and the
+    callbacks it asks for over runs long and short (a single step included)."""
+    for name in method_names():
+        spec = train.method_spec(name, rank=2, seed=0, alpha=None)
+        assert spec is not None and spec.name == name
+        schedule = train.callback_schedule(spec.callbacks(steps, verbose=0))
+        assert schedule is None or "verbose" not in schedule
+    for name in options.BASELINES + options.REFERENCE_METHODS:
+        assert train.method_spec(name, rank=2, seed=0) is None
 
 
 def test_rank_grid_layout():
@@ -172,7 +190,7 @@ def test_rank_grid_layout():
         "vit_encoder/transformer_block_1/mha/query": 5,
         "vit_encoder/transformer_block_2/mlp/dense_1": 7,
     }
-    blocks, roles, matrix = transfer.rank_grid(ranks)
+    blocks, roles, matrix = report.rank_grid(ranks)
     assert blocks == [1, 2] and roles == ["query", "value", "dense_1"]
     expected = np.array([[5, 3, np.nan], [np.nan, np.nan, 7]])
     np.testing.assert_array_equal(matrix, expected)
@@ -309,4 +327,17 @@ def test_real_mode_with_a_local_preset_and_mocked_tfds(quick_run, tmp_path):
 def test_cli_returns_2_and_names_the_problem(tmp_path, capsys):
     code = transfer.main(["--methods", "nope", "--output-dir", str(tmp_path), "--quick"])
     assert code == 2
+    assert "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_job(tmp_path, capsys, monkeypatch):
+    """`python -m keras_adaptive_lora.apps.transfer` (in process: `runpy`)."""
+    import runpy
+    import sys
+
+    argv = ["transfer", "--methods", "nope", "--output-dir", str(tmp_path), "--quick"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("keras_adaptive_lora.apps.transfer", run_name="__main__")
+    assert exit_info.value.code == 2
     assert "Unknown method 'nope'" in capsys.readouterr().err

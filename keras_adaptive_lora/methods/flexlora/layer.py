@@ -1,128 +1,29 @@
-"""FlexLoRA (paper: "FlexLoRA: entropy-guided flexible low-rank adaptation"):
-rank pruning and expansion under a global budget, guided by spectral entropy.
-
-Each adapted projection holds an SVD-form update
+"""FlexLoRA's adapter layer: an SVD-form update with a movable rank.
 
     ΔW = s · A · diag(λ ⊙ m) · B,   A (d_in, R), λ (R,), B (R, d_out), m ∈ {0, 1}^R
 
 with a fixed capacity `R = max_rank` and a binary active mask `m` (a
-non-trainable variable). `rank` components are active at the start; the
-`FlexLoRAScheduler` callback (`keras_adaptive_lora.callbacks`) moves active
-components between layers during `fit`, keeping `Σ r_active` constant. Every
-change is a variable assignment, so shapes never change: the compiled train
-step is not retraced and the optimizer keeps its state.
-
-This module also holds the two pure functions of the method, unit-tested on
-their own: `spectral_entropy_importance` (paper eq. 3) and `budget_schedule`
-(paper eq. 4, section 4.2).
+non-trainable variable). Every rank change is a variable assignment, so shapes
+never change: the compiled train step is not retraced and the optimizer keeps
+its state. The `FlexLoRAScheduler` (`scheduler.py`) decides the moves.
 """
 
-import math
-import numbers
 import random
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, kernel_view
-from keras_adaptive_lora.adapters.lora import check_alpha, check_positive_int, check_rank, check_seed, lora_scale
-from keras_adaptive_lora.targets import ALL_ROLES, role_targets
+from keras_adaptive_lora._validation import check_alpha, check_number, check_positive_int, check_seed
+from keras_adaptive_lora.core.adapter import PACKAGE, AdapterLayer
+from keras_adaptive_lora.core.kernel_view import check_rank, kernel_view
+from keras_adaptive_lora.methods.lora import lora_scale
+from keras_adaptive_lora.spectral import spectral_entropy_importance
 
 #: Standard deviation of the Gaussian init of `A`, `B` and of expanded slots.
 INIT_STDDEV = 0.02
-#: The `ε` of the importance score (paper eq. 3).
-ENTROPY_EPS = 1e-12
 
 
-# --------------------------------------------------------------------------
-# Pure functions
-# --------------------------------------------------------------------------
-def spectral_entropy_importance(singular_values, mask=None, eps=ENTROPY_EPS):
-    """Normalized spectral entropy of the active singular values (paper eq. 3).
-
-    `s_i = λ_i² / Σ_j λ_j²` and `I = −(1 / log r) Σ_i s_i log(s_i + ε)` over the
-    `r` active components. Always finite: `I = 0` when `r <= 1` (the reference
-    code divides by `log 1 = 0` and returns NaN, which its top-k then ranks
-    first) and when every active `λ` is zero (no spectrum to measure).
-    Computed in float64 numpy: it runs in the callback, outside the compiled
-    train step.
-
-    Args:
-        singular_values: the `λ` vector, shape `(R,)` (array-like or tensor).
-        mask: optional active mask, shape `(R,)`; nonzero entries are active.
-            Defaults to all components active.
-        eps: the `ε` inside the logarithm. Defaults to 1e-12.
-
-    Returns:
-        A Python float in `[0, 1]` (up to `ε`).
-
-    Example:
-    ```python
-    spectral_entropy_importance([1.0, 1.0, 1.0])        # 1.0 (flat spectrum)
-    spectral_entropy_importance([1.0, 0.0], [1, 1])     # ~0.0 (one direction)
-    ```
-    """
-    lam = np.asarray(ops.convert_to_numpy(singular_values), dtype=np.float64).reshape(-1)
-    if mask is not None:
-        m = np.asarray(ops.convert_to_numpy(mask)).reshape(-1)
-        if m.shape != lam.shape:
-            raise ValueError(
-                f"`mask` has shape {m.shape} but `singular_values` has shape "
-                f"{lam.shape}; they must match."
-            )
-        lam = lam[m != 0]
-    if not np.all(np.isfinite(lam)):
-        raise ValueError(
-            "The singular values contain NaN or inf; the importance score is "
-            "undefined. Training has diverged (lower the learning rate, or add "
-            "`keras.callbacks.TerminateOnNaN()`)."
-        )
-    r = lam.size
-    energy = lam * lam
-    total = float(energy.sum())
-    if r <= 1 or not total > 0.0:
-        return 0.0
-    s = energy / total
-    return float(-np.sum(s * np.log(s + eps)) / math.log(r))
-
-
-def budget_schedule(step, *, b0, total_steps, warmup_steps, final_steps, interval):
-    """The number of components to move at `step` (paper eq. 4), 0 if none.
-
-    Reallocation happens at steps `t` with `t > warmup_steps`,
-    `(t − warmup_steps) % interval == 0` and `t < total_steps − final_steps`;
-    there `b(t) = round(b0 · (1 − p)³)` with
-    `p = clip((t − warmup_steps) / (total_steps − final_steps − warmup_steps), 0, 1)`.
-    `round` is Python's (half to even). Steps count completed optimizer
-    updates (`optimizer.iterations` after the update).
-
-    Args:
-        step: the step `t` (int).
-        b0: the initial budget.
-        total_steps: `T`.
-        warmup_steps: `t_warmup`, steps before the first reallocation.
-        final_steps: `t_final`, steps at the end with frozen ranks.
-        interval: `Δt`, steps between reallocations.
-
-    Returns:
-        A Python int in `[0, b0]`.
-    """
-    t = int(step)
-    span = total_steps - final_steps - warmup_steps
-    if span <= 0:
-        return 0
-    if not (t > warmup_steps and t < total_steps - final_steps):
-        return 0
-    if (t - warmup_steps) % interval:
-        return 0
-    p = min(max((t - warmup_steps) / span, 0.0), 1.0)
-    return int(round(b0 * (1.0 - p) ** 3))
-
-
-# --------------------------------------------------------------------------
-# The adapter layer
-# --------------------------------------------------------------------------
 def _check_max_rank(layer, rank, max_rank):
     view = kernel_view(layer)
     limit = min(view.d_in, view.d_out)
@@ -136,12 +37,6 @@ def _check_max_rank(layer, rank, max_rank):
             f"rank={rank}; the capacity must hold the initially active components."
         )
     return max_rank
-
-
-def _check_weight(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"`orth_reg_weight` must be a number >= 0, got {value!r}.")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -181,7 +76,7 @@ class FlexLoRAAdapter(AdapterLayer):
         check_rank(layer, self.initial_rank)
         self.max_rank = _check_max_rank(layer, self.initial_rank, max_rank)
         self.alpha = check_alpha(alpha) if alpha is not None else float(rank)
-        self.orth_reg_weight = _check_weight(orth_reg_weight)
+        self.orth_reg_weight = check_number("orth_reg_weight", orth_reg_weight, minimum=0)
         seed = check_seed(seed)
         self.seed = seed if seed is not None else random.randint(0, 2**31 - 1)
         super().__init__(layer, **kwargs)
@@ -251,10 +146,10 @@ class FlexLoRAAdapter(AdapterLayer):
         gram_b = ops.subtract(ops.matmul(b, ops.transpose(b)), eye)
         return ops.add(ops.sum(ops.square(gram_a)), ops.sum(ops.square(gram_b)))
 
-    def call(self, inputs, training=None, **kwargs):
-        if self.orth_reg_weight:
-            self.add_loss(ops.multiply(self.orthogonality_penalty(), self.orth_reg_weight))
-        return super().call(inputs, training=training, **kwargs)
+    def adapter_losses(self):
+        if not self.orth_reg_weight:
+            return []
+        return [ops.multiply(self.orthogonality_penalty(), self.orth_reg_weight)]
 
     # Rank state (host side, used by the scheduler) ------------------------------
     def active_mask(self):
@@ -268,6 +163,14 @@ class FlexLoRAAdapter(AdapterLayer):
     def rank(self):
         """The number of active components."""
         return int(self.active_mask().sum())
+
+    def capacity(self):
+        """The capacity `R` (`max_rank`)."""
+        return self.max_rank
+
+    def factor_roles(self):
+        roles = {"flex_a": "in", "flex_b": "out"}
+        return {name: roles.get(name) for name, _ in self.own_variables()}
 
     def importance(self):
         """The spectral entropy importance of the active components."""
@@ -348,91 +251,3 @@ class FlexLoRAAdapter(AdapterLayer):
         }
 
 
-def find_flexlora_adapters(model):
-    """All `FlexLoRAAdapter`s of `model`, in walk order."""
-    from keras_adaptive_lora.surgery import find_adapters  # surgery imports adapters
-
-    return [a for a in find_adapters(model) if isinstance(a, FlexLoRAAdapter)]
-
-
-def rank_pattern(model):
-    """`{layer path: active rank}` of every FlexLoRA adapter in `model`."""
-    return {a.path: a.rank() for a in find_flexlora_adapters(model)}
-
-
-# --------------------------------------------------------------------------
-# The method spec
-# --------------------------------------------------------------------------
-class FlexLoRA(AdapterMethod):
-    """FlexLoRA: SVD-form LoRA whose ranks move between layers during training.
-
-    Wraps each target with a `FlexLoRAAdapter` of capacity `max_rank` and
-    `rank` active components. Train with `fit` and a
-    `keras_adaptive_lora.callbacks.FlexLoRAScheduler` in the callbacks: it
-    prunes and expands components under a constant total rank (paper §3).
-
-    Default targets: every projection of every block (query, key, value,
-    attention output and the MLP projections), as in the paper's experiments
-    (its Fig. 2 reallocates rank among K, V, Q, attention-output,
-    intermediate and output dense modules): the method needs many candidate
-    layers to move rank between.
-
-    Args:
-        rank: active components per layer at the start. Defaults to 8.
-        max_rank: per-layer capacity. Defaults to `2 * rank`, capped at each
-            layer's `min(d_in, d_out)`.
-        alpha: scaling numerator, `s = alpha / rank`. Defaults to `rank`.
-        orth_reg_weight: weight of the orthogonality penalty. Defaults to 0.1.
-        seed: base seed of the noise of expanded slots; layer `i` of one
-            `apply_adapters` call gets `seed + i`. Defaults to None (drawn
-            from Python's `random`).
-
-    Example:
-    ```python
-    import keras, keras_adaptive_lora as kal
-    from keras_adaptive_lora.callbacks import FlexLoRAScheduler
-    report = kal.apply_adapters(backbone, kal.FlexLoRA(rank=4))
-    model.compile(optimizer="adam", loss=...)
-    scheduler = FlexLoRAScheduler(1000, b0=4, warmup_steps=100, final_steps=200, interval=10)
-    model.fit(data, epochs=..., callbacks=[scheduler])
-    print(scheduler.rank_pattern)
-    ```
-    """
-
-    name = "flexlora"
-    default_targets = role_targets(*ALL_ROLES)
-
-    def __init__(self, *, rank=8, max_rank=None, alpha=None, orth_reg_weight=0.1, seed=None):
-        self.rank = check_positive_int("rank", rank)
-        self.max_rank = None if max_rank is None else check_positive_int("max_rank", max_rank)
-        if self.max_rank is not None and self.max_rank < self.rank:
-            raise ValueError(
-                f"`max_rank` ({self.max_rank}) must be at least `rank` ({self.rank})."
-            )
-        self.alpha = check_alpha(alpha)
-        self.orth_reg_weight = _check_weight(orth_reg_weight)
-        self.seed = check_seed(seed)
-
-    def wrap(self, layer, seed=None):
-        return FlexLoRAAdapter(
-            layer,
-            rank=self.rank,
-            max_rank=self.max_rank,
-            alpha=self.alpha,
-            orth_reg_weight=self.orth_reg_weight,
-            seed=self.seed if seed is None else seed,
-        )
-
-    def wrap_all(self, layers):
-        if self.seed is None:
-            return [self.wrap(layer) for layer in layers]
-        return [self.wrap(layer, seed=self.seed + i) for i, layer in enumerate(layers)]
-
-    def get_config(self):
-        return {
-            "rank": self.rank,
-            "max_rank": self.max_rank,
-            "alpha": self.alpha,
-            "orth_reg_weight": self.orth_reg_weight,
-            "seed": self.seed,
-        }

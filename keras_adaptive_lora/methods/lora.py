@@ -6,57 +6,17 @@ zeros (so the output is unchanged at initialization) and `s = alpha / r`
 small einsums in the layer's own axes, never the full `A B` product.
 """
 
+import dataclasses
 import math
-import numbers
 
 import keras
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import PACKAGE, AdapterLayer, AdapterMethod, kernel_view
+from keras_adaptive_lora._validation import check_alpha, check_bool, check_dropout, check_positive_int
+from keras_adaptive_lora.core.adapter import PACKAGE, AdapterLayer
+from keras_adaptive_lora.core.kernel_view import check_rank, kernel_view
+from keras_adaptive_lora.core.method import AdapterMethod, LayerPlan, register_method
 from keras_adaptive_lora.targets import role_targets
-
-
-def check_rank(layer, rank, what="rank"):
-    """Raise a `ValueError` naming the layer unless `1 <= rank <= min(d_in, d_out)`."""
-    view = kernel_view(layer)
-    limit = min(view.d_in, view.d_out)
-    if not 1 <= rank <= limit:
-        raise ValueError(
-            f"Layer '{layer.name}': {what}={rank} is out of range; its kernel "
-            f"is a ({view.d_in}, {view.d_out}) matrix, so the {what} must be "
-            f"between 1 and min(d_in, d_out) = {limit}."
-        )
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def check_alpha(alpha):
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"`alpha` must be a positive number or None, got {alpha!r}.")
-    return float(alpha)
-
-
-def check_dropout(dropout):
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
-        0.0 <= dropout < 1.0
-    ):
-        raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
-    return float(dropout)
-
-
-def check_seed(seed):
-    """`None` or a non-negative integer."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be None or a non-negative integer, got {seed!r}.")
-    return int(seed)
 
 
 def lora_scale(alpha, rank, rslora=False):
@@ -117,6 +77,9 @@ class LoRAAdapter(AdapterLayer):
     def rank(self):
         return self.lora_rank
 
+    def factor_roles(self):
+        return {name: {"lora_a": "in", "lora_b": "out"}.get(name) for name, _ in self.own_variables()}
+
     def adapter_config(self):
         return {
             "rank": self.lora_rank,
@@ -126,6 +89,8 @@ class LoRAAdapter(AdapterLayer):
         }
 
 
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA(AdapterMethod):
     """Plain LoRA, the baseline.
 
@@ -149,23 +114,30 @@ class LoRA(AdapterMethod):
     """
 
     name = "lora"
+    title = "LoRA"
+    layer_class = LoRAAdapter
     default_targets = role_targets("query", "value")
 
-    def __init__(self, *, rank=8, alpha=None, dropout=0.0, rslora=False):
-        self.rank = check_positive_int("rank", rank)
-        self.alpha = check_alpha(alpha)
-        self.dropout = check_dropout(dropout)
-        self.rslora = bool(rslora)
+    rank: int = 8
+    alpha: float = None
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        self._set("rank", check_positive_int("rank", self.rank))
+        self._set("alpha", check_alpha(self.alpha))
+        self._set("dropout", check_dropout(self.dropout))
+        self._set("rslora", check_bool("rslora", self.rslora))
 
     def wrap(self, layer):
         return LoRAAdapter(
             layer, rank=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora
         )
 
-    def get_config(self):
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "rslora": self.rslora,
-        }
+    def plan(self, layers):
+        out = []
+        for layer in layers:
+            check_rank(layer, self.rank)
+            view = kernel_view(layer)
+            out.append(LayerPlan(self.rank, self.rank, self.rank * (view.d_in + view.d_out)))
+        return out

@@ -17,6 +17,7 @@ Decisions (see also the README):
   so the training output with `k = r` equals the inference output.
 """
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -24,23 +25,20 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import PACKAGE, AdapterMethod, kernel_view
-from keras_adaptive_lora.adapters.lora import (
-    LoRAAdapter,
+from keras_adaptive_lora._validation import (
     check_alpha,
+    check_bool,
     check_dropout,
+    check_optional_int,
     check_positive_int,
     check_seed,
 )
+from keras_adaptive_lora.core.adapter import PACKAGE
+from keras_adaptive_lora.core.kernel_view import kernel_view
+from keras_adaptive_lora.core.method import AdapterMethod, LayerPlan, register_method
+from keras_adaptive_lora.methods.lora import LoRAAdapter
 from keras_adaptive_lora.spectral import stable_rank
-from keras_adaptive_lora.surgery import match_targets
 from keras_adaptive_lora.targets import role_targets
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    return bool(value)
 
 
 # --------------------------------------------------------------------------
@@ -168,7 +166,7 @@ class StableRankLoRAAdapter(LoRAAdapter):
         rslora=False,
         **kwargs,
     ):
-        self.spu = _check_bool("spu", spu)
+        self.spu = check_bool("spu", spu)
         self.seed = check_seed(seed)
         self.base_stable_rank = None if base_stable_rank is None else float(base_stable_rank)
         super().__init__(layer, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, **kwargs)
@@ -211,6 +209,8 @@ class StableRankLoRAAdapter(LoRAAdapter):
 # --------------------------------------------------------------------------
 # The method spec
 # --------------------------------------------------------------------------
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StableRankLoRA(AdapterMethod):
     """SR-LoRA: LoRA with the rank of each layer set by its stable rank.
 
@@ -220,7 +220,8 @@ class StableRankLoRA(AdapterMethod):
     ranks scaled down by one common factor until the adapters' parameters
     `sum r (d_in + d_out)` fit (each rank at least 1); see `allocate_ranks`.
     Training uses stochastic partial updating (see `StableRankLoRAAdapter`).
-    Inspect the plan before applying it with `plan_ranks(model, method)`.
+    Inspect the plan before applying it with `plan_ranks(model, method)`
+    (or `keras-adaptive-lora inspect --method sr-lora`).
 
     keras-hub models keep q, k and v as separate projections, so each gets its
     own rank (the reference code computes one rank for a fused qkv weight).
@@ -251,29 +252,30 @@ class StableRankLoRA(AdapterMethod):
     ```
     """
 
-    name = "sr_lora"
+    name = "sr-lora"
+    title = "SR-LoRA"
+    layer_class = StableRankLoRAAdapter
     default_targets = role_targets("query", "value", "attention_output")
+    per_layer_ranks = True
 
-    def __init__(
-        self,
-        *,
-        alpha=1.0,
-        spu=True,
-        max_rank=None,
-        budget=None,
-        seed=None,
-        dropout=0.0,
-        rslora=False,
-    ):
-        self.alpha = check_alpha(alpha)
-        self.spu = _check_bool("spu", spu)
-        self.max_rank = None if max_rank is None else check_positive_int("max_rank", max_rank)
-        self.budget = None if budget is None else check_positive_int("budget", budget)
-        self.seed = check_seed(seed)
-        self.dropout = check_dropout(dropout)
-        self.rslora = _check_bool("rslora", rslora)
+    alpha: float = 1.0
+    spu: bool = True
+    max_rank: int = None
+    budget: int = None
+    seed: int = None
+    dropout: float = 0.0
+    rslora: bool = False
 
-    def plan(self, layers):
+    def __post_init__(self):
+        self._set("alpha", check_alpha(self.alpha))
+        self._set("spu", check_bool("spu", self.spu))
+        self._set("max_rank", check_optional_int("max_rank", self.max_rank))
+        self._set("budget", check_optional_int("budget", self.budget))
+        self._set("seed", check_seed(self.seed))
+        self._set("dropout", check_dropout(self.dropout))
+        self._set("rslora", check_bool("rslora", self.rslora))
+
+    def stable_ranks_and_ranks(self, layers):
         """`(stable_ranks, ranks)` for `layers`, all at once (the budget is global)."""
         views = [kernel_view(layer) for layer in layers]
         sranks = [stable_rank(layer) for layer in layers]
@@ -285,6 +287,14 @@ class StableRankLoRA(AdapterMethod):
         )
         return sranks, ranks
 
+    def plan(self, layers):
+        sranks, ranks = self.stable_ranks_and_ranks(layers)
+        views = [kernel_view(layer) for layer in layers]
+        return [
+            LayerPlan(rank, rank, rank * (v.d_in + v.d_out), stable_rank=srank)
+            for v, srank, rank in zip(views, sranks, ranks)
+        ]
+
     def adapter_seed(self, index):
         """The SPU seed of the adapter at `index` (None without a base seed)."""
         if self.seed is None:
@@ -293,7 +303,7 @@ class StableRankLoRA(AdapterMethod):
         return int(state) & 0x7FFFFFFF
 
     def wrap_all(self, layers):
-        sranks, ranks = self.plan(layers)
+        sranks, ranks = self.stable_ranks_and_ranks(layers)
         return [
             StableRankLoRAAdapter(
                 layer,
@@ -311,122 +321,3 @@ class StableRankLoRA(AdapterMethod):
     def wrap(self, layer):
         """Wrap one layer (a `budget` then applies to this layer alone)."""
         return self.wrap_all([layer])[0]
-
-    def get_config(self):
-        return {
-            "alpha": self.alpha,
-            "spu": self.spu,
-            "max_rank": self.max_rank,
-            "budget": self.budget,
-            "seed": self.seed,
-            "dropout": self.dropout,
-            "rslora": self.rslora,
-        }
-
-
-# --------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------
-class RankPlan:
-    """The per-layer SR-LoRA plan: what `apply_adapters` would do.
-
-    Attributes:
-        method: the `StableRankLoRA` spec.
-        rows: list of dicts with keys `path`, `type`, `shape` (the
-            `(d_in, d_out)` matrix view), `stable_rank`, `rank` and `params`
-            (adapter parameters `rank * (d_in + d_out)`).
-        total_params: sum of `params`.
-    """
-
-    def __init__(self, method, rows):
-        self.method = method
-        self.rows = rows
-        self.total_params = int(sum(r["params"] for r in rows))
-
-    @property
-    def ranks(self):
-        return [r["rank"] for r in self.rows]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-    def __str__(self):
-        headers = ("layer path", "type", "shape", "stable rank", "rank", "params")
-        cells = [
-            (
-                r["path"],
-                r["type"],
-                f"{r['shape'][0]}x{r['shape'][1]}",
-                f"{r['stable_rank']:.2f}",
-                str(r["rank"]),
-                f"{r['params']:,}",
-            )
-            for r in self.rows
-        ]
-        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-
-        def line(values):
-            return "  ".join(
-                v.ljust(w) if i < 2 else v.rjust(w)
-                for i, (v, w) in enumerate(zip(values, widths))
-            )
-
-        rule = line(["-" * w for w in widths])
-        out = [f"{self.method!r} plan for {len(self.rows)} layers", line(headers), rule]
-        out += [line(c) for c in cells]
-        out += [rule, f"adapter params: {self.total_params:,}"]
-        return "\n".join(out)
-
-    __repr__ = __str__
-
-
-def plan_ranks(model, method, targets=None):
-    """The SR-LoRA rank plan for `model`, without changing it.
-
-    Matches targets exactly as `apply_adapters(model, method, targets)` does
-    and computes each layer's stable rank and allocated rank (budget
-    included), so the plan equals what applying the method gives.
-
-    Args:
-        model: a built Keras model or keras-hub backbone / task model.
-        method: a `StableRankLoRA` spec.
-        targets: as in `apply_adapters`. Defaults to the method's defaults for
-            the detected architecture.
-
-    Returns:
-        A `RankPlan` (print it for a table; iterate it for row dicts).
-
-    Example:
-    ```python
-    plan = plan_ranks(backbone, StableRankLoRA(budget=1_000_000))
-    print(plan)
-    ```
-    """
-    if not isinstance(method, StableRankLoRA):
-        raise ValueError(
-            "`plan_ranks` needs a StableRankLoRA spec (its ranks come from the "
-            f"stable rank of each kernel); got {method!r}."
-        )
-    sites = match_targets(model, method, targets)
-    layers = [layer for _, layer in sites]
-    sranks, ranks = method.plan(layers)
-    rows = []
-    for layer, srank, rank in zip(layers, sranks, ranks):
-        view = kernel_view(layer)
-        rows.append(
-            {
-                "path": layer.path or layer.name,
-                "type": type(layer).__name__,
-                "shape": (view.d_in, view.d_out),
-                "stable_rank": srank,
-                "rank": rank,
-                "params": rank * (view.d_in + view.d_out),
-            }
-        )
-    return RankPlan(method, rows)

@@ -1,90 +1,79 @@
-"""Keras callbacks of the adaptive methods.
-
-`FlexLoRAScheduler` drives FlexLoRA's rank reallocation (paper §3.3, §4.2)
-from inside `model.fit`: no call to make in a training loop.
+"""FlexLoRA's schedule: the budget of each reallocation step (paper eq. 4),
+and the Keras callback that moves rank between layers inside `model.fit`
+(paper §3.3, §4.2): no call to make in a training loop.
 """
-
-import numbers
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.flexlora import (
-    budget_schedule,
-    find_flexlora_adapters,
-    rank_pattern,
-)
-
-# Optimizer attributes holding per-variable state that must *not* be zeroed
-# (an EMA of the weights is not a statistic of the gradients).
-_SLOTS_NOT_RESET = ("_model_variables_moving_average",)
+from keras_adaptive_lora._validation import check_int
+from keras_adaptive_lora.core.optimizer_slots import reset_optimizer_slots
+from keras_adaptive_lora.core.tree import find_adapters
+from keras_adaptive_lora.methods.flexlora.layer import FlexLoRAAdapter
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
-    return int(value)
+def budget_schedule(step, *, b0, total_steps, warmup_steps, final_steps, interval):
+    """The number of components to move at `step` (paper eq. 4), 0 if none.
 
-
-def _inner_optimizer(optimizer):
-    while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
-def reset_optimizer_slots(optimizer, components):
-    """Zero the optimizer state of the given rank components, in place.
-
-    Works with any Keras optimizer that keeps per-variable state in lists
-    aligned with its trainable variables (`Adam`'s `_momentums` and
-    `_velocities`, `SGD`'s `momentums`, `RMSprop`, `Adagrad`, `Lion`, the
-    gradient accumulators, ...): a slot is reset when it has its variable's
-    shape. Factored slots (`Adafactor`) and weight EMAs are left alone.
+    Reallocation happens at steps `t` with `t > warmup_steps`,
+    `(t − warmup_steps) % interval == 0` and `t < total_steps − final_steps`;
+    there `b(t) = round(b0 · (1 − p)³)` with
+    `p = clip((t − warmup_steps) / (total_steps − final_steps − warmup_steps), 0, 1)`.
+    `round` is Python's (half to even). Steps count completed optimizer
+    updates (`optimizer.iterations` after the update).
 
     Args:
-        optimizer: a Keras optimizer (a `LossScaleOptimizer` is unwrapped).
-        components: iterable of `(variable, axis, index)`: the slice
-            `index` along `axis` of `variable`'s slots is zeroed.
+        step: the step `t` (int).
+        b0: the initial budget.
+        total_steps: `T`.
+        warmup_steps: `t_warmup`, steps before the first reallocation.
+        final_steps: `t_final`, steps at the end with frozen ranks.
+        interval: `Δt`, steps between reallocations.
 
     Returns:
-        The number of slot slices zeroed.
+        A Python int in `[0, b0]`.
     """
-    opt = _inner_optimizer(optimizer)
-    if not getattr(opt, "built", False):
+    t = int(step)
+    span = total_steps - final_steps - warmup_steps
+    if span <= 0:
         return 0
-    tracked = getattr(opt, "_trainable_variables", None) or []
-    slot_lists = [
-        value
-        for attr, value in vars(opt).items()
-        if attr not in _SLOTS_NOT_RESET
-        and isinstance(value, list)
-        and len(value) == len(tracked)
-        and value
-        and all(v is None or isinstance(v, keras.Variable) for v in value)
-        and any(v is not None for v in value)
-        and value is not tracked
-    ]
-    grouped = {}
-    for variable, axis, index in components:
-        grouped.setdefault(id(variable), (variable, []))[1].append((axis, index))
-    count = 0
-    for variable, slices in grouped.values():
-        try:
-            k = opt._get_variable_index(variable)
-        except (KeyError, AttributeError):
-            continue
-        for slots in slot_lists:
-            slot = slots[k]
-            if slot is None or tuple(slot.shape) != tuple(variable.shape):
-                continue
-            value = np.array(ops.convert_to_numpy(slot))
-            for axis, index in slices:
-                value[(slice(None),) * axis + (index,)] = 0
-                count += 1
-            slot.assign(value)
-    return count
+    if not (t > warmup_steps and t < total_steps - final_steps):
+        return 0
+    if (t - warmup_steps) % interval:
+        return 0
+    p = min(max((t - warmup_steps) / span, 0.0), 1.0)
+    return int(round(b0 * (1.0 - p) ** 3))
+
+
+def flexlora_schedule(total_steps):
+    """Scheduler settings for a run of `total_steps`, scaled from the paper's
+    VTAB setting (warmup and final phases ~15% each, a reallocation every ~3%
+    of the steps), or None when the run is too short (< 2 steps).
+
+    Returns:
+        `{"warmup_steps", "final_steps", "interval"}` or None.
+    """
+    if total_steps < 2:
+        return None
+    warmup = final = total_steps * 15 // 100
+    interval = max(1, total_steps * 3 // 100)
+    if warmup + interval >= total_steps - final:
+        warmup, final, interval = 0, 0, 1
+    return {"warmup_steps": warmup, "final_steps": final, "interval": interval}
+
+
+def find_flexlora_adapters(model):
+    """All `FlexLoRAAdapter`s of `model`, in walk order."""
+
+    return [a for a in find_adapters(model) if isinstance(a, FlexLoRAAdapter)]
+
+
+def rank_pattern(model):
+    """`{layer path: active rank}` of every FlexLoRA adapter in `model`."""
+    return {a.path: a.rank() for a in find_flexlora_adapters(model)}
+
+
 
 
 class FlexLoRAScheduler(keras.callbacks.Callback):
@@ -141,11 +130,11 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
 
     def __init__(self, total_steps, *, b0=4, warmup_steps, final_steps, interval, verbose=1):
         super().__init__()
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.b0 = _check_int("b0", b0, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        self.final_steps = _check_int("final_steps", final_steps, 0)
-        self.interval = _check_int("interval", interval, 1)
+        self.total_steps = check_int("total_steps", total_steps, 1)
+        self.b0 = check_int("b0", b0, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.final_steps = check_int("final_steps", final_steps, 0)
+        self.interval = check_int("interval", interval, 1)
         if verbose not in (0, 1, 2) or isinstance(verbose, bool):
             raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
         self.verbose = int(verbose)
@@ -371,10 +360,8 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
         if self.model is None:
             raise ValueError(
                 "This FlexLoRAScheduler has no model yet; pass it to `fit` first "
-                "(or use `keras_adaptive_lora.adapters.flexlora.rank_pattern(model)`)."
+                "(or use `keras_adaptive_lora.methods.flexlora.rank_pattern(model)`)."
             )
         self._sync()
         return rank_pattern(self.model)
 
-
-__all__ = ["FlexLoRAScheduler", "reset_optimizer_slots"]

@@ -1,160 +1,40 @@
-"""The shared adapter machinery: the matrix view of a projection kernel, the
-`AdapterLayer` base class that every method's layer derives from, and the
-`AdapterMethod` base class of the small method spec objects.
+"""The `AdapterLayer` base class that every method's layer derives from.
 
 An `AdapterLayer` wraps one built `keras.layers.Dense` or
 `keras.layers.EinsumDense`, freezes it, and adds a low-rank update of the
-kernel's *matrix view* (see `KernelView`). Subclasses define the update in one
-place, `delta_kernel()` (the full `(d_in, d_out)` matrix, used by `merge()` and
-diagnostics) and, when they can do better than forming it, `delta_output()`
-(the update of the output computed in factored form).
+kernel's *matrix view* (see `KernelView`). The forward pass is written once,
+here: `activation(base(x) + update(x))`. A method defines its update through
+hooks and never re-implements bias or activation:
+
+- `build_adapter()`: create the adapter's variables (`add_adapter_weight`).
+- `delta_kernel()`: the update as a `(d_in, d_out)` matrix, scaling
+  included (used by `merge`, diagnostics and the default `delta_output`).
+- `delta_output(x, training)`: the update of the output, when the method can
+  do better than forming the full matrix (factored LoRA products).
+- `adapter_losses()`: extra losses added at every call (FlexLoRA's
+  orthogonality penalty).
+- `merged_output(x, training)` with `forward_merged = True`: the projection
+  `x (W + ΔW)` (no bias) computed by the method itself, for methods whose
+  update is cheaper to apply merged (LR-LoRA); used on float bases, an int8
+  base always takes `base(x) + delta_output(x)`.
+- `rank()`, and `capacity()` when it differs (FlexLoRA's `max_rank`).
 """
 
-import abc
 import inspect
-import string
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_adaptive_lora.core.kernel_view import kernel_view
+from keras_adaptive_lora.core.quantization import (
+    SUPPORTED_QUANTIZATION,
+    check_quantization,
+    dequantized_kernel,
+    float_policy,
+)
+
 PACKAGE = "keras_adaptive_lora"
-
-
-# --------------------------------------------------------------------------
-# Matrix view of a projection kernel
-# --------------------------------------------------------------------------
-class KernelView:
-    """How a projection kernel maps to a `(d_in, d_out)` matrix.
-
-    For an `EinsumDense` with equation `lhs,ker->out`, kernel axes whose letter
-    is in `lhs` but not in `out` are contracted: together they form `d_in`.
-    Kernel axes whose letter is in `out` but not in `lhs` are produced: they
-    form `d_out`. A `Dense` kernel is already `(d_in, d_out)`. The matrix view
-    is the kernel transposed to (contracted axes, produced axes) and reshaped.
-
-    Args:
-        equation: the einsum equation, or `None` for a `Dense` kernel.
-        kernel_shape: the kernel's shape.
-        layer_name: used in error messages.
-    """
-
-    def __init__(self, equation, kernel_shape, layer_name="layer"):
-        self.equation = equation
-        self.kernel_shape = tuple(int(d) for d in kernel_shape)
-        if equation is None:
-            if len(self.kernel_shape) != 2:
-                raise ValueError(
-                    f"Layer '{layer_name}': a Dense kernel must be 2-D, got "
-                    f"shape {self.kernel_shape}."
-                )
-            self.in_axes, self.out_axes = (0,), (1,)
-        else:
-            self._parse(equation, layer_name)
-        self.in_dims = tuple(self.kernel_shape[i] for i in self.in_axes)
-        self.out_dims = tuple(self.kernel_shape[i] for i in self.out_axes)
-        self.d_in = int(np.prod(self.in_dims))
-        self.d_out = int(np.prod(self.out_dims))
-        self.perm = self.in_axes + self.out_axes
-        self.inverse_perm = tuple(int(i) for i in np.argsort(self.perm))
-
-    def _parse(self, equation, layer_name):
-        eq = equation.replace(" ", "")
-        try:
-            inputs, out = eq.split("->")
-            lhs, ker = inputs.split(",")
-        except ValueError:
-            raise ValueError(
-                f"Layer '{layer_name}': cannot parse einsum equation "
-                f"'{equation}'; expected the form 'lhs,kernel->output'."
-            ) from None
-        if "." in ker:
-            raise ValueError(
-                f"Layer '{layer_name}': equation '{equation}' has an ellipsis "
-                "in the kernel spec; an adapter needs named kernel axes."
-            )
-        if len(ker) != len(self.kernel_shape):
-            raise ValueError(
-                f"Layer '{layer_name}': kernel spec '{ker}' of equation "
-                f"'{equation}' does not match kernel shape {self.kernel_shape}."
-            )
-        in_axes, out_axes = [], []
-        for axis, letter in enumerate(ker):
-            in_lhs, in_out = letter in lhs, letter in out
-            if in_lhs and not in_out:
-                in_axes.append(axis)
-            elif in_out and not in_lhs:
-                out_axes.append(axis)
-            else:
-                where = "both the input and the output" if in_lhs else (
-                    "neither the input nor the output"
-                )
-                raise ValueError(
-                    f"Layer '{layer_name}': kernel axis '{letter}' of equation "
-                    f"'{equation}' appears in {where}, so the kernel is not a "
-                    "single linear map from input features to output "
-                    "features and cannot be viewed as a (d_in, d_out) matrix. "
-                    "Exclude this layer from the adapter targets."
-                )
-        if not in_axes or not out_axes:
-            raise ValueError(
-                f"Layer '{layer_name}': equation '{equation}' has no "
-                f"{'contracted' if not in_axes else 'produced'} kernel axis; "
-                "it cannot be viewed as a (d_in, d_out) matrix."
-            )
-        self.in_axes, self.out_axes = tuple(in_axes), tuple(out_axes)
-        used = set(eq)
-        z = next(c for c in string.ascii_letters if c not in used)
-        in_letters = "".join(ker[i] for i in in_axes)
-        out_letters = "".join(ker[i] for i in out_axes)
-        # Letters of the input kept in the output (batch, sequence, ...).
-        mid = "".join(c for c in lhs if c == "." or c in out)
-        self.down_equation = f"{lhs},{in_letters}{z}->{mid}{z}"
-        self.up_equation = f"{mid}{z},{z}{out_letters}->{out}"
-        # Plain matmuls (plus reshapes of trailing axes) where the einsum is
-        # one: true for every keras-hub projection, and faster on torch.
-        self._down_is_matmul = mid + in_letters == lhs
-        self._up_is_matmul = mid + out_letters == out
-
-    # Factored products -----------------------------------------------------
-    def down(self, x, a):
-        """`x` (layer input) times `a` of shape `(d_in, r)`."""
-        if self.equation is None:
-            return ops.matmul(x, a)
-        if self._down_is_matmul:
-            if len(self.in_axes) > 1:
-                x = ops.reshape(x, tuple(ops.shape(x)[: -len(self.in_axes)]) + (self.d_in,))
-            return ops.matmul(x, a)
-        a = ops.reshape(a, self.in_dims + (a.shape[-1],))
-        return ops.einsum(self.down_equation, x, a)
-
-    def up(self, h, b):
-        """`h` (output of `down`) times `b` of shape `(r, d_out)`."""
-        if self.equation is None:
-            return ops.matmul(h, b)
-        if self._up_is_matmul:
-            y = ops.matmul(h, b)
-            if len(self.out_axes) > 1:
-                y = ops.reshape(y, tuple(ops.shape(h)[:-1]) + self.out_dims)
-            return y
-        b = ops.reshape(b, (b.shape[0],) + self.out_dims)
-        return ops.einsum(self.up_equation, h, b)
-
-    def project(self, x, kernel):
-        """`x` times a full kernel in the layer's own shape (no bias)."""
-        if self.equation is None:
-            return ops.matmul(x, kernel)
-        return ops.einsum(self.equation, x, kernel)
-
-    # Conversions -------------------------------------------------------------
-    def to_matrix(self, kernel):
-        """Kernel (layer shape) -> `(d_in, d_out)` matrix."""
-        return ops.reshape(ops.transpose(kernel, self.perm), (self.d_in, self.d_out))
-
-    def from_matrix(self, matrix):
-        """`(d_in, d_out)` matrix -> kernel in the layer's own shape."""
-        shaped = ops.reshape(matrix, self.in_dims + self.out_dims)
-        return ops.transpose(shaped, self.inverse_perm)
 
 
 def _inside_keras_hub_preset_saver():
@@ -169,122 +49,6 @@ def _inside_keras_hub_preset_saver():
     return False
 
 
-def _is_projection(layer):
-    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
-
-
-def kernel_view(layer):
-    """The `KernelView` of a `Dense`/`EinsumDense` layer or adapter."""
-    if isinstance(layer, AdapterLayer):
-        return layer.view
-    if not _is_projection(layer):
-        raise ValueError(
-            f"Layer '{getattr(layer, 'name', layer)}' is a "
-            f"{type(layer).__name__}; only keras.layers.Dense and "
-            "keras.layers.EinsumDense projections can be adapted."
-        )
-    if not layer.built:
-        raise ValueError(
-            f"Layer '{layer.name}' is not built yet, so its kernel shape is "
-            "unknown. Build it first (call the model on an example batch or "
-            "`layer.build(input_shape)`), then wrap it."
-        )
-    equation = layer.equation if isinstance(layer, keras.layers.EinsumDense) else None
-    return KernelView(equation, layer.kernel.shape, layer.name)
-
-
-def kernel_matrix(layer):
-    """The `(d_in, d_out)` matrix view of a layer's (base) kernel, float32.
-
-    For an int8-quantized layer, the matrix view of the dequantized kernel
-    (see `dequantized_kernel`).
-    """
-    base = layer.wrapped if isinstance(layer, AdapterLayer) else layer
-    view = kernel_view(base)
-    return view.to_matrix(dequantized_kernel(base))
-
-
-# --------------------------------------------------------------------------
-# Quantized bases (Keras's own int8)
-# --------------------------------------------------------------------------
-#: Quantization modes of a wrapped layer that adapters support.
-SUPPORTED_QUANTIZATION = ("int8",)
-
-
-def check_quantization(layer):
-    """The layer's quantization mode (`None` or `"int8"`); raise for others.
-
-    Adapters support float layers and layers quantized with Keras's own int8
-    (`model.quantize("int8")`, `layer.quantize("int8")`).
-    """
-    mode = getattr(layer, "quantization_mode", None)
-    if mode is not None and mode not in SUPPORTED_QUANTIZATION:
-        raise ValueError(
-            f"Layer '{layer.name}' is quantized with mode '{mode}'; adapters "
-            "support float layers and Keras's int8 quantization only "
-            "(`model.quantize(\"int8\")`). Quantize with 'int8', or wrap the "
-            "float layer."
-        )
-    return mode
-
-
-def dequantized_kernel(layer):
-    """A `Dense`/`EinsumDense` kernel in float32, in the kernel's own shape.
-
-    For a float layer, its kernel cast to float32. For a layer quantized with
-    Keras's int8 (`layer.quantize("int8")`), the dequantized kernel
-    `W = kernel / kernel_scale`: Keras stores an int8 `kernel` and a float
-    `kernel_scale` per output feature that maps floats *to* int8
-    (`kernel = round(W * kernel_scale)`, abs-max over the contracted axes),
-    so dequantizing divides. A `Dense` scale has shape `(units,)` and
-    broadcasts over the kernel's last axis; an `EinsumDense` scale is stored
-    in the layout of the layer's output and is brought back to the kernel's
-    layout with the layer's own `_adjust_scale_for_dequant` (what Keras uses
-    for the int8 gradient). Stable ranks (`kernel_matrix`) and `merge` use
-    it; the forward pass never does (the base runs its own int8 kernel).
-
-    Args:
-        layer: a built `Dense`/`EinsumDense`, or an adapter (its wrapped
-            layer is used).
-
-    Returns:
-        A float32 tensor of the kernel's shape.
-    """
-    base = layer.wrapped if isinstance(layer, AdapterLayer) else layer
-    if not _is_projection(base):
-        raise ValueError(
-            f"Layer '{getattr(base, 'name', base)}' is a {type(base).__name__}; "
-            "only keras.layers.Dense and keras.layers.EinsumDense have a kernel "
-            "to dequantize."
-        )
-    mode = check_quantization(base)
-    kernel = ops.cast(base.kernel, "float32")
-    if mode is None:
-        return kernel
-    scale = ops.cast(base.kernel_scale, "float32")
-    if isinstance(base, keras.layers.EinsumDense):
-        scale = base._adjust_scale_for_dequant(scale)
-    return ops.divide(kernel, scale)
-
-
-def _float_policy(layer):
-    """The layer's dtype policy as a plain float policy.
-
-    A quantized layer's policy (`"int8_from_float32"`) would make an adapter
-    or a merged layer quantized too; its source policy is used instead. A
-    `DTypePolicyMap` is resolved at the layer's path.
-    """
-    policy = layer.dtype_policy
-    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        policy = policy[layer.path]
-    if policy.quantization_mode is not None:
-        policy = keras.DTypePolicy(policy.get_config()["source_name"])
-    return policy
-
-
-# --------------------------------------------------------------------------
-# The adapter layer
-# --------------------------------------------------------------------------
 class AdapterLayer(keras.layers.Layer):
     """Base class: a frozen `Dense`/`EinsumDense` plus a low-rank update.
 
@@ -342,7 +106,7 @@ class AdapterLayer(keras.layers.Layer):
             )
         check_quantization(layer)  # float or Keras int8
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", _float_policy(layer))
+        kwargs.setdefault("dtype", float_policy(layer))
         super().__init__(**kwargs)
         self.view = view
         self.wrapped = layer
@@ -414,10 +178,29 @@ class AdapterLayer(keras.layers.Layer):
         delta = ops.cast(self.view.from_matrix(self.delta_kernel()), self.compute_dtype)
         return self.view.project(inputs, delta)
 
+    #: True when the method applies its update merged (`merged_output`).
+    forward_merged = False
+
+    def merged_output(self, inputs, training=None):
+        """`x (W + ΔW)` without bias, for methods with `forward_merged = True`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define merged_output.")
+
+    def adapter_losses(self):
+        """Losses added at every call (scalars). Default: none."""
+        return []
+
     def call(self, inputs, training=None, **kwargs):
+        for loss in self.adapter_losses():
+            self.add_loss(loss)
+        base = self.wrapped
+        # The base may be quantized after wrapping: checked at every call.
+        if self.forward_merged and check_quantization(base) is None:
+            y = self.merged_output(ops.cast(inputs, self.compute_dtype), training)
+            if base.bias is not None:
+                y = ops.add(y, ops.cast(base.bias, y.dtype))
+            return self.activation(y)
         # An int8 base runs its own quantized kernel; the update stays float.
-        check_quantization(self.wrapped)  # the base may be quantized after wrapping
-        y = self.wrapped(inputs, training=training, **kwargs)
+        y = base(inputs, training=training, **kwargs)
         y = ops.add(y, ops.cast(self.delta_output(inputs, training), y.dtype))
         return self.activation(y)
 
@@ -467,7 +250,7 @@ class AdapterLayer(keras.layers.Layer):
         for key in ("lora_rank", "lora_alpha", "quantization_config"):
             config.pop(key, None)
         if base.quantization_mode is not None:
-            config["dtype"] = keras.dtype_policies.serialize(_float_policy(base))
+            config["dtype"] = keras.dtype_policies.serialize(float_policy(base))
         merged = type(base).from_config(config)
         merged._parent_path = base._parent_path
         merged.build_from_config(base.get_build_config())
@@ -584,52 +367,53 @@ class AdapterLayer(keras.layers.Layer):
         Subclasses define it.
         """
 
+    def capacity(self):
+        """The most rank components the adapter can hold (its `rank()` unless
+        the rank moves in training, as FlexLoRA's)."""
+        return self.rank()
+
+    def own_variables(self):
+        """`[(name, variable)]`: the adapter's variables that are not the
+        wrapped layer's (factors, non-trainable state, seed-generator states),
+        named by their path relative to the adapter. The one enumeration used
+        by adapter files and multi-device layouts."""
+        base = {id(v) for v in self.wrapped.variables}
+        prefix = self.path + "/"
+        out, seen = [], set()
+        for variable in self.variables:
+            if id(variable) in base or id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            path = variable.path
+            out.append((path[len(prefix):] if path.startswith(prefix) else variable.name, variable))
+        names = [n for n, _ in out]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"Layer '{self.path}': its adapter variables have duplicate names "
+                f"{names}; they cannot be keyed in an adapter file."
+            )
+        return out
+
+    def factor_roles(self):
+        """`{name: "in" | "out" | None}` for `own_variables()`: `"in"` for an
+        `A`-like `(d_in, k)` factor, `"out"` for a `B`-like `(k, d_out)` one
+        (they follow the kernel's input / output sharding), None for the rest.
+        Default: by shape (`k <= min(d_in, d_out)`; ambiguous square shapes get
+        None). Methods with factors override it with their names."""
+        limit = min(self.d_in, self.d_out)
+        roles = {}
+        for name, variable in self.own_variables():
+            role = None
+            if len(variable.shape) == 2:
+                rows, cols = (int(d) for d in variable.shape)
+                is_a = rows == self.d_in and cols <= limit
+                is_b = cols == self.d_out and rows <= limit
+                if is_a != is_b:
+                    role = "in" if is_a else "out"
+            roles[name] = role
+        return roles
+
     def trainable_parameter_count(self):
         return int(sum(np.prod(v.shape) for v in self.trainable_weights))
 
 
-# --------------------------------------------------------------------------
-# Method specs
-# --------------------------------------------------------------------------
-class AdapterMethod(abc.ABC):
-    """Base class of the small, validated method spec objects.
-
-    A spec holds a method's hyper-parameters and knows how to wrap one layer
-    (`wrap`) and which layers it targets by default per architecture
-    (`default_targets`, a dict from architecture name to layer names).
-    """
-
-    #: Short method name, used in reports and adapter files.
-    name = "adapter"
-    #: Architecture name -> list of projection layer names targeted by default.
-    default_targets = {}
-
-    @abc.abstractmethod
-    def wrap(self, layer):
-        """Return an `AdapterLayer` wrapping the built `layer`."""
-
-    def wrap_all(self, layers):
-        """Wrap every layer of one `apply_adapters` call; returns the adapters.
-
-        Methods whose per-layer choices depend on all targeted layers at once
-        (e.g. a global parameter budget) override this; the default wraps
-        each layer on its own.
-        """
-        return [self.wrap(layer) for layer in layers]
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash((type(self), tuple(sorted(self.get_config().items()))))

@@ -1,26 +1,11 @@
-"""Adapter-only files and merged export.
+"""Adapter-only files: `save_adapters` and `load_adapters` (the model side).
 
-`save_adapters(model, path)` writes one `.npz` file (a zip of `.npy` arrays,
-readable with `numpy.load`, no pickle) holding:
-
-- `"<layer path>::<variable>"`: every variable of every adapter that is not
-  a variable of the wrapped base layer: trainable factors and the
-  non-trainable state (FlexLoRA masks, expansion counter and schedule step,
-  SR-LoRA seed-generator state). `<variable>` is the variable's path relative
-  to the adapter (`lora_a`, `spu_seed_generator/seed_generator_state`).
-- `"train_also::<variable path>"`: the other trainable variables of the model
-  (after `apply_adapters`, those of its `train_also` layers, e.g. a
-  classifier head). Nothing else of the base model is stored.
-- `"__metadata__"`: a JSON string: format version, library and Keras
-  versions, the backend it was saved under, the method specs (class name,
-  config, resolved targets) and one entry per adapted layer: path, adapter
-  class (registered name), wrapped layer type, kernel shape, `d_in`, `d_out`,
-  rank, the adapter's own config (`adapter_config()`: rank, alpha, ...,
-  sinc grid, FlexLoRA capacity and seed) and its variables (key, shape,
-  dtype).
-
-Layers are keyed by `layer.path`, never by index. `load_adapters(model,
-path)` checks the whole file against `model` before changing anything.
+`save_adapters(model, path)` writes the variables of every adapter of
+`model` (non-trainable state included) and the other trainable variables
+(`train_also` layers) to one `.npz` file, with metadata describing each
+adapted layer; the file format itself is in `adapter_file.py`. Layers are
+keyed by `layer.path`, never by index. `load_adapters(model, path)` checks
+the whole file against `model` before changing anything.
 
 Training checkpoints need nothing from this module: Keras weights files
 (`save_weights`, `ModelCheckpoint(save_weights_only=True)`,
@@ -29,61 +14,30 @@ seed-generator states to them, so a resumed run continues exactly.
 """
 
 import json
-import zipfile
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora.adapters.base import AdapterLayer
-from keras_adaptive_lora.surgery import (
-    PROJECTION_TYPES,
-    build_report,
-    find_adapters,
-    install_adapters,
-    swap_layer,
-    walk,
-    _reset_compiled_functions,
+from keras_adaptive_lora.core.adapter import AdapterLayer
+from keras_adaptive_lora.core.method import get_method, registered_methods
+from keras_adaptive_lora.core.tree import PROJECTION_TYPES, find_adapters, layer_sites
+from keras_adaptive_lora.reports import build_report
+from keras_adaptive_lora.saving.adapter_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    SEP,
+    TRAIN_ALSO_PREFIX,
+    read_adapter_file,
+    write_adapter_file,
 )
-
-FORMAT = "keras_adaptive_lora.adapters"
-FORMAT_VERSION = 1
-METADATA_KEY = "__metadata__"
-TRAIN_ALSO_PREFIX = "train_also::"
-SEP = "::"
+from keras_adaptive_lora.surgery import install_adapters
+from keras_adaptive_lora.version import __version__
 
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-def _version():
-    from keras_adaptive_lora import __version__  # the package imports this module
-
-    return __version__
-
-
-def _own_variables(adapter):
-    """`[(name, variable)]`: the adapter's variables that are not the wrapped
-    layer's, named by their path relative to the adapter."""
-    base = {id(v) for v in adapter.wrapped.variables}
-    prefix = adapter.path + "/"
-    out, seen = [], set()
-    for variable in adapter.variables:
-        if id(variable) in base or id(variable) in seen:
-            continue
-        seen.add(id(variable))
-        path = variable.path
-        name = path[len(prefix):] if path.startswith(prefix) else variable.name
-        out.append((name, variable))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"Layer '{adapter.path}': its adapter variables have duplicate names "
-            f"{names}; they cannot be keyed in an adapter file."
-        )
-    return out
-
-
 def _to_numpy(variable):
     value = variable.value
     if "bfloat16" in str(variable.dtype) or "float16" in str(variable.dtype):
@@ -102,14 +56,6 @@ def _train_also_variables(model):
     return [v for v in model.trainable_variables if id(v) not in inside]
 
 
-def _layer_sites(model):
-    """`{path: (parent, layer)}` for every layer of `model` (first wins)."""
-    sites = {}
-    for parent, layer in walk(model):
-        sites.setdefault(layer.path or layer.name, (parent, layer))
-    return sites
-
-
 def _shape(x):
     return tuple(int(d) for d in x.shape)
 
@@ -125,6 +71,10 @@ def save_adapters(model, path):
     path>"`, plus a JSON string under `"__metadata__"` (versions, method
     specs, targets and per layer: path, adapter class and config, wrapped
     type, kernel shape, rank). The base model's weights are not stored.
+
+    The file is written under a temporary name in the same folder and moved
+    onto `path` only once complete: a failed save leaves a previous file at
+    `path` as it was.
 
     Args:
         model: a model with adapters (from `apply_adapters` or
@@ -158,7 +108,7 @@ def save_adapters(model, path):
         if spec is not None and spec not in methods:
             methods.append(spec)
         variables = []
-        for name, variable in _own_variables(adapter):
+        for name, variable in adapter.own_variables():
             key = f"{adapter.path}{SEP}{name}"
             arrays[key] = _to_numpy(variable)
             variables.append(
@@ -196,7 +146,7 @@ def save_adapters(model, path):
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
         "model_class": type(model).__name__,
@@ -204,116 +154,13 @@ def save_adapters(model, path):
         "layers": layers,
         "train_also": train_also,
     }
-    arrays[METADATA_KEY] = np.asarray(json.dumps(metadata))
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    write_adapter_file(path, metadata, arrays)
     return metadata
 
 
 # --------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------
-def read_adapter_file(path):
-    """`(metadata, arrays)` of an adapter file written by `save_adapters`.
-
-    The file is checked before anything is returned: a file that is not a
-    readable `.npz`, has no or unparsable metadata, another format, layer
-    entries without their fields, or an array named in the metadata but
-    missing raises a `ValueError` that says what is wrong.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"Cannot read adapter file {str(path)!r} ({type(error).__name__}: "
-            f"{error}); expected a file written by "
-            "`keras_adaptive_lora.save_adapters`."
-        ) from None
-    if METADATA_KEY not in arrays:
-        raise ValueError(
-            f"{str(path)!r} has no '{METADATA_KEY}' entry; it was not written by "
-            "`keras_adaptive_lora.save_adapters`."
-        )
-    try:
-        metadata = json.loads(str(arrays.pop(METADATA_KEY)))
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"Adapter file {str(path)!r}: its '{METADATA_KEY}' entry is not valid "
-            f"JSON ({error}); the file is corrupted. Save the adapters again."
-        ) from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or (
-        not isinstance(metadata.get("format_version"), int)
-        or metadata["format_version"] > FORMAT_VERSION
-    ):
-        found = metadata if not isinstance(metadata, dict) else (
-            metadata.get("format"), metadata.get("format_version")
-        )
-        raise ValueError(
-            f"{str(path)!r} has format {found!r}; this library reads "
-            f"{FORMAT!r} up to version {FORMAT_VERSION}. Upgrade "
-            "keras_adaptive_lora, or check that the file was written by "
-            "`save_adapters`."
-        )
-    _check_metadata(metadata, arrays, path)
-    return metadata, arrays
-
-
-_LAYER_FIELDS = {
-    "path": str,
-    "adapter_class": str,
-    "adapter_config": dict,
-    "wrapped_type": str,
-    "kernel_shape": list,
-    "variables": list,
-}
-
-
-def _check_metadata(metadata, arrays, path):
-    """Raise a `ValueError` when the metadata lacks what loading needs."""
-
-    def corrupted(what):
-        return ValueError(
-            f"Adapter file {str(path)!r}: {what}. The file is corrupted or was "
-            "edited; save the adapters again."
-        )
-
-    layers, methods = metadata.get("layers"), metadata.get("methods", [])
-    if not isinstance(layers, list) or not layers:
-        raise corrupted("its metadata has no list of adapted 'layers'")
-    if not isinstance(methods, list):
-        raise corrupted("its metadata's 'methods' is not a list")
-    seen = set()
-    for i, entry in enumerate(layers):
-        if not isinstance(entry, dict):
-            raise corrupted(f"layer entry {i} is not a JSON object")
-        where = f"layer entry {i} ('{entry.get('path', '?')}')"
-        for field, kind in _LAYER_FIELDS.items():
-            if not isinstance(entry.get(field), kind):
-                raise corrupted(f"{where} has no valid '{field}' ({kind.__name__})")
-        if entry["path"] in seen:
-            raise corrupted(f"layer '{entry['path']}' occurs twice")
-        seen.add(entry["path"])
-        index = entry.get("method_index")
-        if index is not None and (
-            isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(methods)
-        ):
-            raise corrupted(f"{where} has 'method_index' {index!r} but the file has {len(methods)} methods")
-        for item in entry["variables"]:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise corrupted(f"{where} has a variable entry without a 'name'")
-            if item.get("key") not in arrays:
-                raise corrupted(f"{where}: the array {item.get('key')!r} of variable '{item['name']}' is missing")
-    train_also = metadata.get("train_also", [])
-    if not isinstance(train_also, list):
-        raise corrupted("its metadata's 'train_also' is not a list")
-    for item in train_also:
-        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
-            raise corrupted("a 'train_also' entry has no variable 'path'")
-        if item.get("key") not in arrays:
-            raise corrupted(f"the array {item.get('key')!r} of variable '{item['path']}' is missing")
-
-
 def _check_array(where, value, shape):
     if _shape(value) != tuple(shape):
         raise ValueError(
@@ -402,7 +249,7 @@ def load_adapters(model, path):
             "before loading adapters."
         )
     metadata, arrays = read_adapter_file(path)
-    sites = _layer_sites(model)
+    sites = layer_sites(model)
     # 1. Check every layer before building anything.
     checked = [_check_layer(entry, sites, model) for entry in metadata["layers"]]
     # 2. Check the train_also variables.
@@ -438,7 +285,7 @@ def load_adapters(model, path):
                     "The file was edited or written by an incompatible version; "
                     "nothing was changed."
                 ) from None
-            own = dict(_own_variables(adapter))
+            own = dict(adapter.own_variables())
             stored = {v["name"] for v in entry["variables"]}
             if set(own) != stored:
                 raise ValueError(
@@ -454,7 +301,7 @@ def load_adapters(model, path):
                     own[item["name"]].shape,
                 )
             swaps.append((parent, layer, adapter, entry))
-    except Exception:
+    except BaseException:
         for layer, activation, trainable in touched:
             layer.activation = activation
             layer.trainable = trainable
@@ -462,7 +309,7 @@ def load_adapters(model, path):
     # 4. Assign (the adapters are not in the model yet), then swap in.
     methods = metadata.get("methods", [])
     for parent, layer, adapter, entry in swaps:
-        own = dict(_own_variables(adapter))
+        own = dict(adapter.own_variables())
         for item in entry["variables"]:
             variable = own[item["name"]]
             variable.assign(ops.cast(arrays[item["key"]], variable.dtype))
@@ -482,87 +329,35 @@ def load_adapters(model, path):
     return build_report(model, _method_for_report(methods), adapters)
 
 
+def _method_class(spec):
+    """The registered spec class of a file's method entry, or None.
+
+    By its registered `"name"`; files written before it was stored are
+    matched by `"class_name"` against the registered classes' names.
+    """
+    name = spec.get("name")
+    if isinstance(name, str):
+        try:
+            return get_method(name)
+        except ValueError:
+            pass
+    class_name = spec.get("class_name")
+    for cls in registered_methods().values():
+        if cls.__name__ == class_name:
+            return cls
+    return None
+
+
 def _method_for_report(methods):
     """The method spec object when the file holds one, else a description."""
-    import keras_adaptive_lora as kal
-
     if len(methods) == 1:
-        cls = getattr(kal, methods[0]["class_name"], None)
-        if cls is not None:
+        cls = _method_class(methods[0])
+        config = methods[0].get("config")
+        if cls is not None and isinstance(config, dict):
             try:
-                return cls.from_config(methods[0]["config"])
+                return cls.from_config(config)
             except (TypeError, ValueError):
                 pass
-    return "loaded adapters" if not methods else ", ".join(m["class_name"] for m in methods)
-
-
-# --------------------------------------------------------------------------
-# Merged save and export
-# --------------------------------------------------------------------------
-class _TemporarilyMerged:
-    """Context manager: adapters swapped for their merged layers, then back."""
-
-    def __init__(self, model):
-        self.model = model
-        self.sites = []
-
-    def __enter__(self):
-        for parent, layer in walk(self.model):
-            if isinstance(layer, AdapterLayer):
-                self.sites.append((parent, layer, layer.merge()))
-        for parent, adapter, merged in self.sites:
-            swap_layer(parent, adapter, merged)
-        _reset_compiled_functions(self.model)
-        return self.model
-
-    def __exit__(self, *exc):
-        for parent, adapter, merged in reversed(self.sites):
-            swap_layer(parent, merged, adapter)
-        _reset_compiled_functions(self.model)
-        return False
-
-
-def save_merged(model, path):
-    """Save `model` with its adapters merged as a `.keras` file.
-
-    The merge is temporary: `model` keeps its adapters afterwards. The file
-    holds plain `Dense`/`EinsumDense` layers, loads with
-    `keras.saving.load_model` under any backend (import `keras_hub` first for
-    keras-hub models) and is the input of `keras-adaptive-lora export`.
-    """
-    with _TemporarilyMerged(model):
-        model.save(path)
-
-
-def export_merged(model, path, **export_kwargs):
-    """Write a TensorFlow SavedModel of `model` with its adapters merged.
-
-    The merge is temporary: `model` keeps its adapters afterwards. The
-    SavedModel's `serve` endpoint returns the adapted model's inference
-    outputs (`model.export(path, format="tf_saved_model")` on the merged
-    model). Needs the tensorflow backend. For a model trained under torch or
-    jax, save it merged and export under tensorflow in another process:
-
-    ```python
-    kal.save_merged(model, "merged.keras")
-    # then: KERAS_BACKEND=tensorflow python -m keras_adaptive_lora.cli \\
-    #           export merged.keras saved_model_dir
-    ```
-
-    Args:
-        model: a model with or without adapters.
-        path: the SavedModel directory to write.
-        **export_kwargs: passed to `model.export` (e.g. `input_signature`).
-    """
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise ValueError(
-            f"export_merged writes a TensorFlow SavedModel and needs "
-            f"KERAS_BACKEND=tensorflow; this process runs {backend!r}. Save the "
-            "merged model with `keras_adaptive_lora.save_merged(model, "
-            "'merged.keras')`, then run `KERAS_BACKEND=tensorflow python -m "
-            "keras_adaptive_lora.cli export merged.keras OUT_DIR`."
-        )
-    with _TemporarilyMerged(model):
-        model.export(path, format="tf_saved_model", verbose=False, **export_kwargs)
-    return path
+    if not methods:
+        return "loaded adapters"
+    return ", ".join(str(m.get("class_name") or m.get("name") or "?") for m in methods)

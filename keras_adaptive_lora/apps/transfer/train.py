@@ -1,0 +1,178 @@
+"""Adapt the backbone with one method, train it and evaluate it.
+
+The job's own methods (`linear`, `full`, `scratch`) are handled here; an
+adapter method is built from the method registry (`get_method(name)
+.from_options(...)`), applied with `apply_adapters`, and given the callbacks
+it asks for (`spec.callbacks(total_steps)`). What the row records about the
+adapters follows the spec's declared traits: `per_layer_ranks` (the capacity
+per layer, and the starting rank when the method takes one) and
+`learned_rank` (the stable ranks of the learned updates).
+"""
+
+import time
+
+import keras
+import keras_hub
+import numpy as np
+
+from keras_adaptive_lora import data
+from keras_adaptive_lora.apps.transfer.backbone import cosine_schedule, load_backbone
+from keras_adaptive_lora.apps.transfer.options import (
+    HEAD,
+    PROBE_SIZE,
+    is_adapter_method,
+    title,
+)
+from keras_adaptive_lora.core.method import AdapterMethod, get_method
+from keras_adaptive_lora.core.tree import find_adapters
+from keras_adaptive_lora.inspection import update_stable_ranks
+from keras_adaptive_lora.surgery import apply_adapters
+
+
+def method_spec(method, *, rank, seed, alpha=None):
+    """The adapter method spec of a registered adapter method name (None for
+    the job's own `linear`, `full` and `scratch`).
+
+    Built from the generic options with `from_options(strict=False)`: a
+    method takes the options it has (`rank`, `seed`, `alpha`) and drops the
+    others; None (`alpha=None`) leaves the method's own default. Each method
+    uses its own default targets.
+    """
+    if not is_adapter_method(method):
+        return None
+    return get_method(method).from_options(strict=False, rank=rank, seed=seed, alpha=alpha)
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Steady-state time per training step: from the end of the first step
+    (which traces and compiles) to the end of training, over the other
+    steps. With a single step, that step's time, compile included."""
+
+    def on_train_begin(self, logs=None):
+        self.begin, self.first, self.end, self.steps = time.perf_counter(), None, None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.end = time.perf_counter()
+
+    def ms_per_step(self):
+        """`(milliseconds, includes_compile)`."""
+        if self.steps > 1:
+            return 1000.0 * (self.end - self.first) / (self.steps - 1), False
+        return 1000.0 * (self.end - self.begin) / max(self.steps, 1), True
+
+
+def count_params(variables):
+    """The number of scalars in `variables`."""
+    return int(sum(int(np.prod(v.shape)) for v in variables))
+
+
+def callback_schedule(callbacks):
+    """The settings of the method's callbacks, for the row's `schedule`: the
+    merged `get_config()` of those that have one, without `verbose`; None
+    when there is none."""
+    schedule = {}
+    for callback in callbacks:
+        get_config = getattr(callback, "get_config", None)
+        if callable(get_config):
+            config = get_config()
+            if isinstance(config, dict):
+                schedule.update({k: v for k, v in config.items() if k != "verbose"})
+    return schedule or None
+
+
+def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, options, log=print):
+    """Adapt the preset's backbone with one method and evaluate it.
+
+    Args:
+        method: a name from `options.all_methods()`.
+        preset: the backbone's keras-hub preset (name or folder).
+        num_classes: classes of the task.
+        train: the unbatched training dataset (normalized). Each method
+            batches and shuffles it afresh, so that every method sees the
+            same sequence of shuffled batches.
+        evaluation: an `Evaluation` (validation and test examples).
+        steps_per_epoch: training steps per epoch.
+        options: dict with `seed`, `epochs`, `batch_size`, `rank`, `alpha`,
+            `learning_rate`, `weight_decay`, `verbose`, `index`, `count`.
+        log: function receiving progress lines. Defaults to `print`.
+
+    Returns:
+        `(row, model, probe_logits)`: the table row (see
+        `TransferResult.rows`), the trained model, and its logits for the
+        first `PROBE_SIZE` test examples (`evaluation.probe`).
+    """
+    seed, epochs = options["seed"], options["epochs"]
+    keras.utils.set_random_seed(seed)  # the same head init for every method
+    backbone = load_backbone(preset)
+    if method == "scratch":
+        backbone = type(backbone).from_config(backbone.get_config())
+    model = keras_hub.models.ViTImageClassifier(
+        backbone=backbone, num_classes=num_classes, activation=None
+    )
+    total_steps = epochs * steps_per_epoch
+    callbacks, row = [], {"method": method, "title": title(method), "ranks": {}}
+    spec = method_spec(method, rank=options["rank"], seed=seed, alpha=options["alpha"])
+    if method == "linear":
+        backbone.trainable = False
+    elif spec is not None:
+        apply_adapters(model, spec, train_also=[HEAD])
+        if spec.per_layer_ranks and "rank" in spec.option_names():
+            row["initial_rank"] = options["rank"]  # the ranks it starts from, then moves
+        callbacks = list(spec.callbacks(total_steps, verbose=2 if options["verbose"] >= 2 else 0))
+        if not callbacks and type(spec).callbacks is not AdapterMethod.callbacks:
+            log(f"  note: {total_steps} training step(s) leave no room for {row['title']}'s callbacks")
+        schedule = callback_schedule(callbacks)
+        if schedule is not None:
+            row["schedule"] = schedule
+    model.compile(
+        optimizer=keras.optimizers.AdamW(
+            cosine_schedule(options["learning_rate"], total_steps),
+            weight_decay=options["weight_decay"],
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    row["trainable_params"] = count_params(model.trainable_weights)
+    row["total_params"] = count_params(model.weights)
+    log(
+        f"[{options['index']}/{options['count']}] {method} ({row['title']}): "
+        f"{row['trainable_params']:,} trainable of {row['total_params']:,} params, "
+        f"{total_steps} steps"
+    )
+    batches = data.batched(train, options["batch_size"], shuffle=True, seed=seed)
+    timer = StepTimer()
+    start = time.perf_counter()
+    history = model.fit(
+        batches,
+        epochs=epochs,
+        callbacks=[timer, *callbacks],
+        verbose=options["verbose"],
+        shuffle=False,  # `batches` is shuffled by tf.data, anew each epoch
+    )
+    row["train_seconds"] = time.perf_counter() - start
+    row["steps"] = total_steps
+    row["ms_per_step"], row["ms_per_step_includes_compile"] = timer.ms_per_step()
+    row["train_accuracy"] = float(history.history["accuracy"][-1])
+    # One `predict` over validation + test (one compiled function per model).
+    logits = np.asarray(keras.ops.convert_to_numpy(model.predict(evaluation.dataset, verbose=0)))
+    correct = np.argmax(logits, axis=-1) == evaluation.labels
+    row["val_accuracy"] = float(correct[: evaluation.num_val].mean())
+    row["test_accuracy"] = float(correct[evaluation.num_val :].mean())
+    probe_logits = logits[evaluation.num_val : evaluation.num_val + PROBE_SIZE]
+    adapters = find_adapters(model)
+    row["ranks"] = {a.path: int(a.rank()) for a in adapters}
+    if spec is not None and spec.learned_rank:  # the rank it learned (it is not `rank`)
+        row["update_stable_ranks"] = update_stable_ranks(model)
+    if spec is not None and spec.per_layer_ranks:
+        row["capacity"] = {a.path: int(a.capacity()) for a in adapters}
+    log(
+        f"      {method}: test accuracy {row['test_accuracy']:.3f}, validation "
+        f"{row['val_accuracy']:.3f}, train {row['train_accuracy']:.3f} in "
+        f"{row['train_seconds']:.1f}s ({row['ms_per_step']:.1f} ms/step)"
+    )
+    return row, model, probe_logits

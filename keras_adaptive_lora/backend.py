@@ -1,0 +1,392 @@
+"""Everything backend-specific, in one module: the rest of the library is
+`keras.ops` only and never asks which backend runs.
+
+The torch and tensorflow helpers import their backend lazily and raise a
+clear error on any other backend. The block-wise loop machinery and the
+elementwise `sin`/`cos` used by SincLoRA (`methods/sinc/`) are here because
+the fastest and memory-safe way to run them differs per backend: a Python
+loop on eager torch, a sequential while loop on tensorflow graphs, an
+in-place `fori_loop` on jax (see `blocked`).
+
+`torch_data_parallel`: multi-process data-parallel training of a Keras model
+on the torch backend with `torch.nn.parallel.DistributedDataParallel` and a
+custom training loop. Keras's torch trainer (`model.fit`) has no
+multi-process support, and `DistributedDataParallel(model)` fails on a
+keras-hub model: a functional Keras model registers no torch parameters
+(`model.parameters()` is empty; Keras tracks its variables itself), so DDP
+raises "DistributedDataParallel is not needed when a module doesn't have any
+parameter that requires a gradient". The helper wraps the model in a thin
+`torch.nn.Module` that registers the Keras trainable variables' own
+`torch.nn.Parameter`s (the same tensor objects, not copies), so DDP
+broadcasts them from rank 0 at construction and averages their gradients
+across processes during `backward()`.
+
+`sequential_fori_loop`: `keras.ops.fori_loop` whose iterations run one after
+another on every backend. Keras's tensorflow `fori_loop` is a
+`tf.while_loop` with the default `parallel_iterations=10`: in a graph
+(`tf.function`, which Keras's tensorflow trainer uses) up to 10 iterations
+whose work does not depend on the loop carry run at once, each holding its
+temporaries. Memory-bounded loops (SincLoRA's blocks of a kernel) need them
+one at a time.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _require_torch(what):
+    if keras.backend.backend() != "torch":
+        raise ValueError(
+            f"`{what}` is for the torch backend (KERAS_BACKEND=torch); this is "
+            f"{keras.backend.backend()!r}. On jax use keras.distribution "
+            "(see `keras_adaptive_lora.layout_map_for`), on tensorflow "
+            "`tf.distribute.MirroredStrategy`."
+        )
+    import torch  # the torch backend guarantees it
+
+    return torch
+
+
+def sequential_fori_loop(lower, upper, body_fun, init_val):
+    """`keras.ops.fori_loop`, one iteration at a time.
+
+    On tensorflow a `tf.while_loop` with `parallel_iterations=1`; elsewhere
+    `keras.ops.fori_loop` itself (jax's `fori_loop` is sequential; torch's is a
+    Python loop).
+
+    Args:
+        lower: first loop index (int or scalar integer tensor).
+        upper: loop end, exclusive.
+        body_fun: `body_fun(i, val) -> val`, same structure as `init_val`.
+        init_val: the initial loop carry (a tensor or nested structure).
+
+    Returns:
+        The final loop carry.
+
+    Example:
+    ```python
+    total = sequential_fori_loop(0, 4, lambda i, t: t + keras.ops.cast(i, "float32"), 0.0)
+    ```
+    """
+    if keras.backend.backend() != "tensorflow":
+        return keras.ops.fori_loop(lower, upper, body_fun, init_val)
+    import tensorflow as tf  # the tensorflow backend guarantees it
+
+    _, result = tf.while_loop(
+        lambda i, _: i < upper,
+        lambda i, val: (i + 1, body_fun(i, val)),
+        (lower, init_val),
+        parallel_iterations=1,
+    )
+    return result
+
+
+def torch_data_parallel(model, **ddp_kwargs):
+    """Wrap a Keras model for `torch.nn.parallel.DistributedDataParallel`.
+
+    Call it after `apply_adapters` (the trainable variables are collected
+    once, here) and after `torch.distributed.init_process_group(...)`, on
+    every process. The result is a DDP module: call it like the model
+    (`ddp(x, training=True)`), zero gradients with `ddp.zero_grad()`, and
+    after `loss.backward()` the gradients in
+    `[v.value.grad for v in model.trainable_variables]` are averaged over
+    the processes, ready for `model.optimizer.apply(grads,
+    model.trainable_variables)`. Non-trainable state (FlexLoRA masks, SR-LoRA
+    samplers) is not synchronized: it stays identical on every process
+    because it starts identical (same seeds) and is only changed from
+    identical values (a `FlexLoRAScheduler` driven by hand on each process).
+
+    Args:
+        model: a Keras model on the torch backend, with adapters applied.
+        **ddp_kwargs: passed to `DistributedDataParallel` (e.g.
+            `bucket_cap_mb`). Defaults to none.
+
+    Returns:
+        A `torch.nn.parallel.DistributedDataParallel` module.
+
+    Example:
+    ```python
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, ...)
+    ddp = torch_data_parallel(model)
+    ddp.zero_grad()
+    loss = loss_fn(y, ddp(x, training=True)) + sum(model.losses)
+    loss.backward()
+    with torch.no_grad():
+        model.optimizer.apply([v.value.grad for v in model.trainable_variables],
+                              model.trainable_variables)
+    ```
+    """
+    torch = _require_torch("torch_data_parallel")
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError(
+            "`torch_data_parallel` needs a torch process group: call "
+            "`torch.distributed.init_process_group(backend, rank=..., "
+            "world_size=...)` on every process first."
+        )
+    variables = list(model.trainable_variables)
+    if not variables:
+        raise ValueError(
+            f"Model {model.name!r} has no trainable variables; apply adapters "
+            "(`apply_adapters(model, method)`) before wrapping it."
+        )
+
+    class KerasParameters(torch.nn.Module):
+        """Registers a Keras model's trainable Parameters; calls the model."""
+
+        def __init__(self):
+            super().__init__()
+            # Not a registered submodule: its (empty) parameters are not ours.
+            object.__setattr__(self, "keras_model", model)
+            self.keras_parameters = torch.nn.ParameterList([v.value for v in variables])
+
+        def forward(self, *args, **kwargs):
+            return self.keras_model(*args, **kwargs)
+
+    return torch.nn.parallel.DistributedDataParallel(KerasParameters(), **ddp_kwargs)
+
+
+# --------------------------------------------------------------------------
+# Block-wise loops (SincLoRA's memory-safe elementwise work)
+# --------------------------------------------------------------------------
+#: Elementwise work on a `(d_in, d_out)` matrix runs on row blocks of about
+#: this many entries (1 MiB in float32), and every `(chunk, entries)`
+#: temporary of the grid sum has at most this many entries: temporaries are
+#: block-sized, not kernel-sized, and stay in cache.
+BLOCK_ELEMENTS = 1 << 18
+#: On jax, up to this many grid points are evaluated together (one
+#: `(chunk, entries)` tensor; the sums over them are small matmuls, which XLA
+#: runs far faster than one fused loop per grid point with full reductions).
+#: Eager backends (torch, and tensorflow's executor) gain nothing from it:
+#: one grid point at a time on whole blocks there.
+_GRID_CHUNK = 10
+
+
+
+
+def take_block(x, axis, start, length):
+    """`x[..., start : start + length, ...]` along `axis` (`start` may be traced)."""
+    if isinstance(start, int):
+        if (start, length) == (0, x.shape[axis]):
+            return x
+        index = [slice(None)] * len(x.shape)
+        index[axis] = slice(start, start + length)
+        return x[tuple(index)]
+    starts = [0] * len(x.shape)
+    starts[axis] = start
+    sizes = list(x.shape)
+    sizes[axis] = length
+    return ops.slice(x, starts, sizes)
+
+
+class BlockOutput:
+    """An output assembled from per-block pieces along `axis`.
+
+    Block `[start, start + length)` covers `[start · unit, (start + length) ·
+    unit)` of the axis. `init` (optional) is added: the result is `init +`
+    the pieces. `like` (optional) gives the shape when it is not static (a
+    layer input with an unknown batch size on tensorflow).
+
+    In a loop (`blocked` on jax and tensorflow) the output is the loop carry
+    and each block is written into it: on jax with `slice_update` (XLA
+    updates the carry in place); on tensorflow, whose `slice_update` is an
+    XLA-only op, with `scatter_update` of rows, so the carry is kept with
+    `axis` first (`initial`, `final`).
+    """
+
+    def __init__(self, shape, axis, *, unit=1, init=None, like=None, dtype="float32"):
+        self.shape, self.axis, self.unit, self.init, self.like, self.dtype = shape, axis, unit, init, like, dtype
+        self.rows_first = keras.backend.backend() == "tensorflow" and axis != 0
+
+    def initial(self):
+        if self.init is not None:
+            full = self.init
+        elif self.like is not None:
+            full = ops.zeros_like(self.like)
+        else:
+            full = ops.zeros(self.shape, self.dtype)
+        return ops.moveaxis(full, self.axis, 0) if self.rows_first else full
+
+    def final(self, full):
+        return ops.moveaxis(full, 0, self.axis) if self.rows_first else full
+
+    def update(self, full, start, piece):
+        """`full` with the piece of the block at `start` written (added) in place."""
+        if keras.backend.backend() == "tensorflow":
+            if self.rows_first:
+                piece = ops.moveaxis(piece, self.axis, 0)
+            rows = ops.add(ops.arange(int(piece.shape[0]), dtype="int32"), ops.cast(start * self.unit, "int32"))
+            if self.init is not None:
+                piece = ops.add(ops.take(full, rows, axis=0), piece)
+            return ops.scatter_update(full, ops.reshape(rows, (-1, 1)), piece)
+        starts = [0] * len(full.shape)
+        starts[self.axis] = start * self.unit
+        if self.init is not None:
+            piece = ops.add(ops.slice(full, starts, piece.shape), piece)
+        return ops.slice_update(full, starts, piece)
+
+    def with_init(self, start, piece):
+        """The piece plus the matching block of `init` (eager assembly)."""
+        if self.init is None:
+            return piece
+        return ops.add(take_block(self.init, self.axis, start * self.unit, int(piece.shape[self.axis])), piece)
+
+
+def _even_step(total, step):
+    """A divisor of `total` in `[step / 2, step]` if there is one (no shorter
+    last block to compile separately), else `step`."""
+    return next((d for d in range(step, step // 2, -1) if total % d == 0), step)
+
+
+def blocked(total, step, body, outputs=(), sums=()):
+    """Run `body(start, length) -> (pieces, partial_sums)` over blocks of `range(total)`.
+
+    Blocks are `[start, start + length)`, `length = step` except for a
+    shorter last one. Each piece is written into its output (`BlockOutput`), the
+    partial sums are added up (zeros of the shapes in `sums` to start).
+
+    On jax and tensorflow the full-length blocks run in one loop, one block
+    at a time (`sequential_fori_loop`), that writes the outputs into the loop
+    carry (`BlockOutput.update`), then the shorter last block: the graph holds
+    one copy of `body` whatever the number of blocks (tensorflow keeps tens
+    of kB per graph node for the life of the function, so unrolling the
+    blocks would cost memory proportional to the kernel size). On torch
+    (eager) a Python loop collects the pieces and concatenates them once
+    (`slice_update` copies the whole tensor there).
+
+    Returns:
+        `(outputs, sums)`, two tuples of tensors.
+    """
+    step = _even_step(total, max(1, min(step, total)))
+    count, tail = divmod(total, step)
+    if keras.backend.backend() != "torch":
+
+        def run(start, length, carry):
+            fulls, totals = carry
+            pieces, partials = body(start, length)
+            fulls = tuple(o.update(f, start, p) for o, f, p in zip(outputs, fulls, pieces))
+            totals = tuple(ops.add(t, p) for t, p in zip(totals, partials))
+            return fulls, totals
+
+        carry = (tuple(o.initial() for o in outputs), tuple(ops.zeros(s, "float32") for s in sums))
+        if count == 1:
+            carry = run(0, step, carry)
+        else:
+            carry = sequential_fori_loop(0, count, lambda i, c: run(i * step, step, c), carry)
+        if tail:
+            carry = run(count * step, tail, carry)
+        fulls, totals = carry
+        return tuple(o.final(f) for o, f in zip(outputs, fulls)), totals
+    collected = [[] for _ in outputs]
+    totals = [None] * len(sums)
+    for start in range(0, total, step):
+        pieces, partials = body(start, min(step, total - start))
+        for output, pieces_so_far, piece in zip(outputs, collected, pieces):
+            pieces_so_far.append(output.with_init(start, piece))
+        totals = [p if t is None else ops.add(t, p) for t, p in zip(totals, partials)]
+        del pieces, partials
+    fulls = []
+    for output, pieces in zip(outputs, collected):
+        fulls.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=output.axis))
+        pieces.clear()
+    return tuple(fulls), tuple(totals)
+
+
+def loop(count, body, carry):
+    """`body(j, carry)` for `j` in `range(count)`; no loop at all for one chunk."""
+    return body(0, carry) if count == 1 else sequential_fori_loop(0, count, body, carry)
+
+
+def grid_chunk(size):
+    """Grid points per chunk: up to `_GRID_CHUNK` on jax (evenly split), else 1."""
+    if keras.backend.backend() != "jax":
+        return 1
+    count = -(-size // _GRID_CHUNK)
+    return -(-size // count)
+
+
+def merges_in_place():
+    """Whether a loop can write kernel blocks in place into its carry (jax:
+    XLA updates a `fori_loop` carry in place; elsewhere each write copies)."""
+    return keras.backend.backend() == "jax"
+
+
+def orders_after_input():
+    """Whether a parameter-only computation must be tied to its layer input
+    to keep it from running early: XLA's scheduler (jax) and tensorflow's
+    graph executor would otherwise run every layer's merged-kernel loop at
+    the start of the step, keeping all merged kernels alive at once. Eager
+    torch runs in program order."""
+    return keras.backend.backend() != "torch"
+
+
+def matmul_transposed(upstream, kernel):
+    """`upstream · kernelᵀ` for a 2-D `kernel` (contracting the last axes).
+
+    On jax a `tensordot` that contracts in place: XLA folds `transpose(W)` of
+    a constant kernel (one closed over by a jitted function) into a second
+    kernel-sized constant.
+    """
+    if keras.backend.backend() == "jax":
+        return keras.ops.tensordot(upstream, kernel, axes=([len(upstream.shape) - 1], [1]))
+    return keras.ops.matmul(upstream, keras.ops.transpose(kernel))
+
+
+# --------------------------------------------------------------------------
+# sin and cos
+# --------------------------------------------------------------------------
+#: π/2 split in three (Cody-Waite) for the argument reduction of `sin_cos`:
+#: the first two parts have few significant bits, so `n · part` is exact for
+#: |n| < 2^15 (|t| < ~51000).
+_HALF_PI_PARTS = (1.5703125, 4.837512969970703125e-4, 7.54978995489188216e-8)
+#: Minimax polynomials on [-π/4, π/4] (Cephes `sinf`, `cosf`):
+#: sin r = r + r^3 (S0 + r^2 (S1 + r^2 S2)),
+#: cos r = 1 - r^2/2 + r^4 (C0 + r^2 (C1 + r^2 C2)).
+_SIN_COEFFICIENTS = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
+_COS_COEFFICIENTS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
+
+
+def sin_cos_polynomial(t):
+    """`(sin t, cos t)` of a float32 tensor from multiplies, adds and selects.
+
+    Reduces `t = n π/2 + r` with `|r| <= π/4` (three-part π/2, exact for
+    `|t| <` about 51000) and evaluates minimax polynomials (Cephes
+    `sinf`/`cosf`); absolute error about 1e-7, like float32 `sin`/`cos`.
+    """
+    n = ops.round(ops.multiply(t, 2.0 / math.pi))
+    r = t
+    for part in _HALF_PI_PARTS:
+        r = ops.subtract(r, ops.multiply(n, part))
+    r2 = ops.square(r)
+    s0, s1, s2 = _SIN_COEFFICIENTS
+    c0, c1, c2 = _COS_COEFFICIENTS
+    sin_r = r + r * r2 * (s0 + r2 * (s1 + r2 * s2))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (c0 + r2 * (c1 + r2 * c2))
+    # Quadrant n mod 4: sin t = (sin r, cos r, -sin r, -cos r)[n mod 4],
+    # cos t = (cos r, -sin r, -cos r, sin r)[n mod 4].
+    quadrant = ops.subtract(n, ops.multiply(ops.floor(ops.multiply(n, 0.25)), 4.0))
+    odd = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 3.0))
+    sin_t = ops.where(odd, cos_r, sin_r)
+    cos_t = ops.where(odd, sin_r, cos_r)
+    sin_t = ops.where(ops.greater_equal(quadrant, 2.0), ops.negative(sin_t), sin_t)
+    flip_cos = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 2.0))
+    cos_t = ops.where(flip_cos, ops.negative(cos_t), cos_t)
+    return sin_t, cos_t
+
+
+def sin_cos(t, with_cos=True):
+    """`(sin t, cos t)` (`cos t` is `None` unless `with_cos`).
+
+    On jax, `sin_cos_polynomial`: XLA fuses its ~30 multiplies and adds into
+    the loop body, while XLA's CPU `sin`/`cos` (jax 0.10) cost about 10x the
+    whole polynomial (measured: 9 ns against 0.8 ns per element). Elsewhere
+    `ops.sin`/`ops.cos`, one vectorized kernel each (the polynomial would be
+    ~30 eager ops).
+    """
+    if keras.backend.backend() == "jax":
+        sin_t, cos_t = sin_cos_polynomial(t)
+        return sin_t, (cos_t if with_cos else None)
+    return ops.sin(t), (ops.cos(t) if with_cos else None)
+
+
