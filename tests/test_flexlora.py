@@ -564,3 +564,18 @@ def test_resume_from_weights_checkpoint_continues_the_same_schedule(tmp_path):
         for va, vb in zip(a.weights, b.weights):
             np.testing.assert_allclose(to_numpy(va), to_numpy(vb), rtol=1e-5, atol=1e-6)
     assert rank_pattern(straight) == rank_pattern(resumed)
+
+
+def test_flexlora_schedule_fits_the_scheduler():
+    from keras_adaptive_lora.methods.flexlora import flexlora_schedule
+
+    assert flexlora_schedule(1) is None
+    assert flexlora_schedule(2) == {"warmup_steps": 0, "final_steps": 0, "interval": 1}
+    assert flexlora_schedule(200) == {"warmup_steps": 30, "final_steps": 30, "interval": 6}
+    for steps in (2, 3, 7, 20, 160, 1000):
+        FlexLoRAScheduler(steps, **flexlora_schedule(steps))
+    assert FlexLoRA(rank=2).callbacks(1) == []
+    (scheduler,) = FlexLoRA(rank=2).callbacks(200, verbose=2)
+    assert scheduler.get_config() == {
+        "total_steps": 200, "b0": 4, "warmup_steps": 30, "final_steps": 30, "interval": 6, "verbose": 2,
+    }

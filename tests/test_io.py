@@ -53,6 +53,7 @@ def test_file_is_small_and_keyed_by_path(tmp_path):
     assert metadata["library_version"] == kal.__version__
     assert metadata["methods"] == [
         {
+            "name": "lora",
             "class_name": "LoRA",
             "config": {"rank": 2, "alpha": 4.0, "dropout": 0.0, "rslora": False},
             "targets": ["query", "value"],
@@ -224,6 +225,7 @@ CORRUPTIONS = {
     ),
     "duplicate": (lambda m, a: m["layers"].append(m["layers"][0]), "occurs twice"),
     "method_index": (lambda m, a: _set(_value_layer(m), "method_index", 3), "'method_index' 3"),
+    "method_entry": (lambda m, a: m["methods"].append(3), "method entry 1 is not a JSON object"),
     # An array named in the metadata is missing.
     "no_array": (
         lambda m, a: a.pop("decoder_block_0/attention/value::lora_b"),
@@ -283,6 +285,18 @@ def test_unreadable_files_raise(tmp_path):
         kal.load_adapters(tiny_gemma(), str(truncated))
     with pytest.raises(ValueError, match="Cannot read adapter file"):
         kal.load_adapters(tiny_gemma(), str(tmp_path / "missing.npz"))
+
+
+def test_loaded_report_has_the_method(lora_file, tmp_path):
+    # Found by the registered name; in a file written before the name was
+    # stored, by the spec's class name; else the file's class names.
+    assert kal.load_adapters(tiny_gemma(), lora_file).method == kal.LoRA(rank=2)
+    old = str(tmp_path / "old.npz")
+    _rewrite(lora_file, old, lambda m, a: m["methods"][0].pop("name"))
+    assert kal.load_adapters(tiny_gemma(), old).method == kal.LoRA(rank=2)
+    unknown = str(tmp_path / "unknown.npz")
+    _rewrite(lora_file, unknown, lambda m, a: m["methods"][0].update(name="nope", class_name="Nope"))
+    assert kal.load_adapters(tiny_gemma(), unknown).method == "Nope"
 
 
 # --------------------------------------------------------------------------

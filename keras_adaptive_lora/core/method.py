@@ -18,6 +18,8 @@ What a spec class declares (class attributes, not dataclass fields):
 - `per_layer_ranks`: True when ranks differ across layers (plots show a
   rank map). `learned_rank`: True when the effective rank of the update is
   learned, not set (reports show `update_stable_ranks`).
+  `identity_at_init`: True (the default) when `ΔW = 0` at initialization,
+  so that adapting leaves the model's outputs unchanged.
 
 and what it implements: `wrap(layer)` (or `wrap_all(layers)` when one layer's
 choice depends on the others, e.g. a global budget), `plan(layers)` (rank,
@@ -69,6 +71,7 @@ class AdapterMethod(abc.ABC):
     default_targets: ClassVar[dict] = {}
     per_layer_ranks: ClassVar[bool] = False
     learned_rank: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
 
     def _set(self, field, value):
         """Store a normalized field value on the frozen spec (in `__post_init__`)."""
