@@ -218,11 +218,18 @@ class MethodContract:
         history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
         assert np.isfinite(history.history["loss"]).all()
         assert all(v.dtype == "float32" for v in adapter.trainable_weights)
+        out = adapter(x)
+        assert keras.backend.standardize_dtype(out.dtype) == adapter.compute_dtype
+        merged = adapter.merge()
+        assert merged.kernel.dtype == adapter.wrapped.kernel.dtype
 
     # Errors -------------------------------------------------------------------------------
-    def test_refuses_to_stack(self, spec):
-        adapter = spec.wrap(make_dense())
-        with pytest.raises(ValueError, match="already wrapped.*cannot be stacked"):
+    def test_refuses_to_stack(self, spec, spec_class):
+        adapter = spec.wrap(make_dense(name="twice"))
+        with pytest.raises(
+            ValueError,
+            match=f"'twice' is already wrapped by a {spec_class.layer_class.__name__}.*cannot be stacked",
+        ):
             spec.wrap(adapter)
 
     def test_clear_error_for_a_rank_out_of_range(self, spec_class):

@@ -159,7 +159,7 @@ def register_method(cls):
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not name or name != name.strip():
         raise TypeError(f"{cls.__name__} must declare its own `name` (a non-empty string).")
-    layer_class = cls.__dict__.get("layer_class")
+    layer_class = getattr(cls, "layer_class", None)
     if not (isinstance(layer_class, type) and issubclass(layer_class, AdapterLayer)):
         raise TypeError(f"{cls.__name__}.layer_class must be an AdapterLayer subclass.")
     existing = _REGISTRY.get(name)
