@@ -158,8 +158,8 @@ def build_parser():
         return ", ".join(n for n in names if option in get_method(n).option_names())
 
     inspect.add_argument(
-        "--method", default="lora", choices=list(names),
-        help="the method whose targets and ranks to show (default: lora)",
+        "--method", default=names[0], choices=list(names),
+        help=f"the method whose targets and ranks to show (default: {names[0]})",
     )
     inspect.add_argument(
         "--rank", type=int, default=None,

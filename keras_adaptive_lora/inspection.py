@@ -174,7 +174,7 @@ def plan_ranks(model, method, targets=None):
     return RankPlan(method, rows)
 
 
-def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None,
+def inspect_model(model, method=None, *, rank=None, budget=None, max_rank=None,
                   targets=None, progress=None, model_name=None):
     """Shapes, stable ranks and the rank plan of `method` on `model`'s targets.
 
@@ -189,7 +189,7 @@ def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None
         model: a built keras-hub backbone / task model or Keras model.
         method: a registered method name (`method_names()`: "lora",
             "sr-lora", "flexlora", "sinc", ...) or a method spec. Defaults to
-            "lora".
+            None: the first registered method, plain LoRA (the baseline).
         rank: with a method name, see `make_method`. Defaults to None.
         budget: with a method name, see `make_method`. Defaults to None.
         max_rank: with a method name, see `make_method`. Defaults to None.
@@ -209,6 +209,8 @@ def inspect_model(model, method="lora", *, rank=None, budget=None, max_rank=None
     print(inspect_model(backbone, "sr-lora", max_rank=64))
     ```
     """
+    if method is None:
+        method = method_names()[0]
     if isinstance(method, str):
         method = make_method(method, rank=rank, budget=budget, max_rank=max_rank)
     elif isinstance(method, AdapterMethod) and method_of(method) is not None:
@@ -372,7 +374,7 @@ def load_model(source):
     )
 
 
-def inspect_source(source, method="lora", **kwargs):
+def inspect_source(source, method=None, **kwargs):
     """`inspect_model(load_model(source), method, **kwargs)`, naming the source."""
     model = load_model(source)
     kwargs.setdefault("model_name", f"{type(model).__name__} from {os.fspath(source)}")
