@@ -20,7 +20,7 @@ from keras_adaptive_lora.core.kernel_view import kernel_view
 from keras_adaptive_lora.core.method import AdapterMethod, get_method, method_names, method_of
 from keras_adaptive_lora.core.tree import find_adapters
 from keras_adaptive_lora.methods.sr_lora import StableRankLoRA
-from keras_adaptive_lora.reports import format_table
+from keras_adaptive_lora.reports import RowReport, format_table
 from keras_adaptive_lora.spectral import stable_rank
 from keras_adaptive_lora.surgery import match_targets
 
@@ -41,7 +41,7 @@ def make_method(name, **options):
     return get_method(name).from_options(**options)
 
 
-class InspectionReport:
+class InspectionReport(RowReport):
     """Per-layer shapes, stable ranks and the rank plan of a method.
 
     Attributes:
@@ -64,15 +64,6 @@ class InspectionReport:
         self.adapter_params = int(sum(r["params"] for r in rows))
         self.model_params = int(model_params)
 
-    @property
-    def ranks(self):
-        return [r["rank"] for r in self.rows]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __iter__(self):
-        return iter(self.rows)
 
     def __str__(self):
         return format_report(self)
@@ -80,7 +71,7 @@ class InspectionReport:
     __repr__ = __str__
 
 
-class RankPlan:
+class RankPlan(RowReport):
     """The per-layer SR-LoRA plan: what `apply_adapters` would do.
 
     Attributes:
@@ -96,18 +87,7 @@ class RankPlan:
         self.rows = rows
         self.total_params = int(sum(r["params"] for r in rows))
 
-    @property
-    def ranks(self):
-        return [r["rank"] for r in self.rows]
 
-    def __len__(self):
-        return len(self.rows)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
 
     def __str__(self):
         headers = ("layer path", "type", "shape", "stable rank", "rank", "params")

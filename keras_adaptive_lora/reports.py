@@ -25,7 +25,27 @@ def format_table(headers, cells, *, left=2):
     return [line(headers), rule, *(line(c) for c in cells)], rule
 
 
-class AdapterReport:
+class RowReport:
+    """Base of the per-layer reports: `rows` (one dict per layer, with a
+    `rank`), iterable and indexable like a list of rows."""
+
+    rows = ()
+
+    @property
+    def ranks(self):
+        return [r["rank"] for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+class AdapterReport(RowReport):
     """What `apply_adapters` did: one row per adapted layer, plus totals.
 
     Attributes:
@@ -48,9 +68,6 @@ class AdapterReport:
     @property
     def trainable_fraction(self):
         return self.trainable_params / max(self.total_params, 1)
-
-    def __len__(self):
-        return len(self.rows)
 
     def __str__(self):
         headers = ("layer path", "type", "d_in", "d_out", "rank", "params")

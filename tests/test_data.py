@@ -172,7 +172,7 @@ def test_bad_feature_keys(controlled):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"shots": 0}, "`shots` must be an integer >= 1"),
+        ({"shots": 0}, "`shots` must be a positive integer"),
         ({"shots": 1, "val_per_class": -1}, "`val_per_class` must be"),
         ({"shots": 1, "test_size": 0}, "`test_size` must be"),
         ({"shots": 1, "seed": -2}, "`seed` must be"),
@@ -315,7 +315,7 @@ def test_from_arrays_resize_dtypes_and_channels():
         ({"class_names": ["x"], "num_classes": 2}, "1 class names for num_classes=2"),
         ({"labels": np.array([0, 1, 2, 0, 1, 2, 0, 5]), "num_classes": 3}, r"must lie in \[0, 3\)"),
         ({"shots": 4, "class_names": ["zero", "one"]}, r"class 0 \('zero'\) has 4, class 1 \('one'\) has 4"),
-        ({"shots": 1.5}, "`shots` must be an integer"),
+        ({"shots": 1.5}, "`shots` must be a positive integer"),
     ],
 )
 def test_from_arrays_errors(kwargs, match):

@@ -9,14 +9,13 @@ import numbers
 
 import numpy as np
 
+from keras_adaptive_lora._validation import check_int
+
 
 # --------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
+_check_int = check_int  # one set of checks for the package (`_validation`)
 
 
 def _check_image_size(image_size):
