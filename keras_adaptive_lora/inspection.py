@@ -19,6 +19,7 @@ from keras_adaptive_lora.core.adapter import AdapterLayer
 from keras_adaptive_lora.core.kernel_view import kernel_view
 from keras_adaptive_lora.core.method import AdapterMethod, get_method, method_names, method_of
 from keras_adaptive_lora.core.tree import find_adapters
+from keras_adaptive_lora import methods as _methods  # noqa: F401  (registers the built-in methods)
 from keras_adaptive_lora.methods.sr_lora import StableRankLoRA
 from keras_adaptive_lora.reports import RowReport, format_table
 from keras_adaptive_lora.spectral import stable_rank
@@ -313,12 +314,34 @@ def update_stable_ranks(model):
     }
 
 
+def from_preset(source, cls=None):
+    """`cls.from_preset(source)` (a keras-hub `Backbone` by default).
+
+    keras-hub converts a Hugging Face transformers checkpoint (a
+    `save_pretrained` folder, an `hf://` handle) with the `safetensors` and
+    `huggingface_hub` packages: when one is missing, the `ImportError` says
+    to install this library's `hf` extra.
+    """
+    cls = cls or keras_hub.models.Backbone
+    try:
+        return cls.from_preset(source)
+    except ImportError as error:
+        raise ImportError(
+            f"Loading {source!r} needs a package that is not installed ({error}). "
+            "Hugging Face transformers checkpoints (a `save_pretrained` folder or an "
+            "hf:// handle) need the `hf` extra: pip install 'keras-adaptive-lora[hf]' "
+            "(safetensors, huggingface_hub)."
+        ) from error
+
+
 def load_model(source):
     """Open a keras-hub backbone or a Keras model for inspection.
 
     Args:
         source: a keras-hub preset folder (with `config.json`, e.g. written by
-            `Backbone.save_to_preset`; works offline), a `.keras` file, or a
+            `Backbone.save_to_preset`; works offline), a Hugging Face
+            transformers folder (`save_pretrained`, converted by keras-hub;
+            needs the `hf` extra, see `from_preset`), a `.keras` file, or a
             keras-hub preset name / handle (e.g.
             `"vit_base_patch16_224_imagenet21k"`, `"kaggle://..."`,
             `"hf://..."`; downloads).
@@ -331,15 +354,16 @@ def load_model(source):
     source = os.fspath(source)
     is_handle = source.startswith(("kaggle://", "hf://", "gs://", "modelscope://"))
     if is_handle or (not os.path.exists(source) and source in keras_hub.models.Backbone.presets):
-        return keras_hub.models.Backbone.from_preset(source)
+        return from_preset(source)
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise ValueError(
                 f"Folder '{source}' is not a keras-hub preset: it has no config.json. "
-                "Pass a folder written by `Backbone.save_to_preset(...)`, a `.keras` "
-                "file, or a keras-hub preset name."
+                "Pass a folder written by `Backbone.save_to_preset(...)` or by "
+                "transformers' `save_pretrained`, a `.keras` file, or a keras-hub "
+                "preset name."
             )
-        return keras_hub.models.Backbone.from_preset(source)
+        return from_preset(source)
     if os.path.isfile(source):
         if not source.endswith(".keras"):
             raise ValueError(

@@ -29,9 +29,9 @@ LAYERS = [
     ("surgery",),
     ("inspection", "saving", "distribution", "data"),
     ("__init__",),
-    ("cli", "apps"),
+    ("cli", "apps", "__main__"),
 ]
-TOP = ("cli", "apps")
+TOP = ("cli", "apps", "__main__")
 MAX_LINES = 420
 
 
@@ -131,3 +131,27 @@ def test_layer_table_is_checked_against_a_real_upward_import(tmp_path):
     tree = ast.parse("from keras_adaptive_lora.surgery import apply_adapters\n")
     (imported, _, _), = package_imports(tree)
     assert layer_of(resolve(imported)) > layer_of("core.adapter")
+
+
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() != "jax",
+    reason="a subprocess check of import order; the jax suite runs it",
+)
+@pytest.mark.parametrize("module", ["keras_adaptive_lora.saving", "keras_adaptive_lora.inspection"])
+def test_modules_that_read_the_registry_register_the_built_in_methods(module):
+    """The package loads its public names lazily: a module that looks methods
+    up by name must import `methods` itself (a fresh process proves it)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {module}\n"
+        "from keras_adaptive_lora.core.method import method_names\n"
+        "print(','.join(method_names()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "KERAS_BACKEND": "jax"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(done.stdout.strip().split(",")) >= {"lora", "sr-lora", "flexlora", "sinc"}
