@@ -1,26 +1,31 @@
-"""Stable ranks of a Gemma-2B-shaped model: Lanczos (`stable_rank`) vs numpy SVD.
+"""Stable ranks of a Gemma-2B-shaped model: `stable_rank` (Lanczos) vs numpy SVD.
 
-All attention and MLP projections of a Gemma-2B-shaped config (hidden 2048,
-intermediate 16384, 8 query heads and 1 key/value head of size 256, 18 layers:
-126 kernels, 1.98 billion weights) are built one at a time as keras-hub's
-EinsumDense layers (same equations, random Keras-initialized kernels; random
-matrices are the hard case for an iterative method: their top singular values
-are clustered) and their stable ranks computed with
-`keras_adaptive_lora.stable_rank` (matrix view, float32, keras.ops).
+The projections of a Gemma-2B-shaped config (hidden 2048, intermediate 16384,
+8 query heads and 1 key/value head of size 256, 18 layers: 126 kernels, 1.98
+billion weights) are built as keras-hub's EinsumDense layers (same equations,
+random Glorot-initialized kernels; random matrices are the hard case for an
+iterative method: their top singular values are clustered). A layer's 7
+kernels have 4 distinct matrix shapes.
 
-The oracle is numpy's full SVD (`np.linalg.svd(W, compute_uv=False)`, all
-singular values, the cheapest way numpy has to get them). An SVD of every
-kernel would take tens of minutes here, so it is timed on the 7 kernels of the
-first layer (each of the 4 distinct matrix shapes at least once) and scaled by
-the number of kernels of each shape; the relative error is measured on those 7.
+Side by side: in each round, one kernel of each of the 4 shapes (a new draw per
+round) is measured with `stable_rank` (matrix view, float32 `keras.ops`, the
+certified stopping rule) and with numpy's full SVD (`np.linalg.svd(W,
+compute_uv=False)`: all singular values, the cheapest full SVD numpy has),
+back to back, the order alternating between rounds, with
+`os.getloadavg()` printed per round. The whole-model time of each is the median
+time per shape times the number of kernels of that shape (126 for 18 layers);
+the ratio is theirs. The relative error and the Lanczos steps are reported
+for every kernel measured. `--layers N` also times `stable_rank` on all
+`7 N` kernels in a row (no SVD), a check on the per-shape extrapolation.
 
-Run: KERAS_BACKEND=torch python benchmarks/bench_stable_rank.py [--layers 18]
+numpy's SVD runs on the BLAS threads numpy was given: on a loaded machine a
+threaded OpenBLAS is several times slower than with `OPENBLAS_NUM_THREADS=1`
+(e.g. 41 s vs 5.7 s for 2048 x 2048 at a load of 7 on 2 cores), which moves
+the ratio as much as anything measured here. Run it both ways when it matters.
 
-`--quick` measures one layer (`--layers 1`, 7 kernels) and times the SVD on
-one kernel of each of the 4 distinct matrix shapes only (the relative error is
-then measured on those 4). The estimate is the same quantity, but
-`stable_rank`'s one-off per-shape costs (tracing, jit compilation) are spread
-over 7 kernels instead of 126, so the quick ratio understates the full one.
+Run: KERAS_BACKEND=jax python benchmarks/bench_stable_rank.py [--rounds 3] [--layers 0]
+
+`--quick`: one round, no whole-model pass.
 
 Prints `RESULT {json}` lines (time ratio, max relative error) for
 `benchmarks/run_all.py`.
@@ -28,13 +33,14 @@ Prints `RESULT {json}` lines (time ratio, max relative error) for
 
 import argparse
 import gc
+import os
 import time
 
 import keras
 import numpy as np
 
 from _runner import report_ratio
-from keras_adaptive_lora import kernel_matrix, stable_rank
+from keras_adaptive_lora import kernel_matrix, spectral
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 2048, 16384, 8, 1, 256
 
@@ -48,6 +54,16 @@ PROJECTIONS = {
     "ffw_gating_2": ("btd,df->btf", (HIDDEN, INTERMEDIATE), (None, None, HIDDEN)),
     "ffw_linear": ("btf,fd->btd", (INTERMEDIATE, HIDDEN), (None, None, INTERMEDIATE)),
 }
+# The (d_in, d_out) matrix view of each.
+MATRIX = {
+    "query": (HIDDEN, HEADS * HEAD_DIM), "key": (HIDDEN, KV_HEADS * HEAD_DIM),
+    "value": (HIDDEN, KV_HEADS * HEAD_DIM), "attention_output": (HEADS * HEAD_DIM, HIDDEN),
+    "ffw_gating": (HIDDEN, INTERMEDIATE), "ffw_gating_2": (HIDDEN, INTERMEDIATE),
+    "ffw_linear": (INTERMEDIATE, HIDDEN),
+}
+# One projection per distinct matrix shape (query and attention_output are
+# both 2048 x 2048; query's matrix view is a transposed copy, the slower one).
+REPRESENTATIVES = ("query", "key", "ffw_gating", "ffw_linear")
 
 
 def build(name, seed):
@@ -71,60 +87,93 @@ def svd_stable_rank(matrix):
     return float(np.sum(s**2) / s[0] ** 2)
 
 
+def time_stable_rank(layer):
+    start = time.perf_counter()
+    value, steps, certified = spectral._stable_rank(layer)  # what `stable_rank` runs
+    return time.perf_counter() - start, value, steps, certified
+
+
+def time_svd(layer):
+    matrix = np.asarray(keras.ops.convert_to_numpy(kernel_matrix(layer)))
+    start = time.perf_counter()
+    value = svd_stable_rank(matrix)
+    return time.perf_counter() - start, value
+
+
+def load():
+    return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=18)
-    parser.add_argument("--quick", action="store_true",
-                        help="one layer (7 kernels) instead of --layers")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=0,
+                        help="also time stable_rank on all kernels of this many layers")
+    parser.add_argument("--quick", action="store_true", help="one round, no whole-model pass")
     args = parser.parse_args()
     if args.quick:
-        args.layers = 1
-    print(f"backend: {keras.backend.backend()}, layers: {args.layers}, kernels: "
-          f"{args.layers * len(PROJECTIONS)}")
+        args.rounds, args.layers = 1, 0
+    backend = keras.backend.backend()
+    print(f"backend: {backend}, rounds: {args.rounds}, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {load()}", flush=True)
 
-    lanczos_time, count_by_shape = 0.0, {}
-    svd_time_by_shape, errors = {}, []
-    for index in range(args.layers):
-        for name in PROJECTIONS:
-            layer = build(name, seed=index * 10 + len(name))
-            start = time.perf_counter()
-            srank = stable_rank(layer)
-            elapsed = time.perf_counter() - start
-            lanczos_time += elapsed
-            matrix_shape = (kernel_matrix(layer).shape[0], kernel_matrix(layer).shape[1])
-            count_by_shape[matrix_shape] = count_by_shape.get(matrix_shape, 0) + 1
-            if index == 0 and not (args.quick and matrix_shape in svd_time_by_shape):
-                matrix = np.asarray(keras.ops.convert_to_numpy(kernel_matrix(layer)))
-                start = time.perf_counter()
-                expected = svd_stable_rank(matrix)
-                svd_elapsed = time.perf_counter() - start
-                svd_time_by_shape.setdefault(matrix_shape, []).append(svd_elapsed)
-                error = abs(srank - expected) / expected
-                errors.append(error)
-                print(f"  {name:17s} {str(matrix_shape):14s} srank {srank:9.3f}  svd "
-                      f"{expected:9.3f}  rel.err {error:.2e}  lanczos {elapsed:6.3f}s  "
-                      f"svd {svd_elapsed:6.2f}s", flush=True)
-                del matrix
+    times = {name: {"stable_rank": [], "svd": []} for name in REPRESENTATIVES}
+    errors = []
+    for index in range(args.rounds):
+        for name in REPRESENTATIVES:
+            layer = build(name, seed=1000 + 10 * index + len(name))
+            if name == REPRESENTATIVES[0] and index == 0:
+                time_stable_rank(build("key", seed=1))  # first-call costs (imports, dispatch)
+            if index % 2 == 0:
+                sr_time, value, steps, certified = time_stable_rank(layer)
+                svd_time, expected = time_svd(layer)
+            else:
+                svd_time, expected = time_svd(layer)
+                sr_time, value, steps, certified = time_stable_rank(layer)
+            error = abs(value - expected) / expected
+            errors.append(error)
+            times[name]["stable_rank"].append(sr_time)
+            times[name]["svd"].append(svd_time)
+            print(f"  round {index} {name:12s} {str(MATRIX[name]):14s} srank {value:9.3f} "
+                  f"svd {expected:9.3f} rel.err {error:.1e} steps {steps:3d}"
+                  f"{'' if certified else ' (NOT certified)'}  stable_rank {sr_time:6.2f}s  "
+                  f"svd {svd_time:7.2f}s  ratio {svd_time / sr_time:6.1f}  {load()}", flush=True)
             del layer
             gc.collect()
-        print(f"layer {index}: cumulative stable_rank time {lanczos_time:.1f}s", flush=True)
 
-    svd_total = sum(
-        np.mean(svd_time_by_shape[shape]) * count for shape, count in count_by_shape.items()
-    )
-    print("\nmatrix shape    count  svd s/kernel (measured)")
-    for shape, count in count_by_shape.items():
-        print(f"{str(shape):14s} {count:6d}  {np.mean(svd_time_by_shape[shape]):8.2f}")
-    print(f"\nstable_rank (Lanczos, float32, keras.ops) on all kernels: {lanczos_time:.1f} s")
-    print(f"numpy full SVD, estimated for all kernels:            {svd_total:.1f} s")
-    print(f"time ratio (SVD / stable_rank): {svd_total / lanczos_time:.1f}x")
-    print(f"max relative error vs SVD ({len(errors)} kernels): {max(errors):.2e}")
-    backend = keras.backend.backend()
-    kernels = args.layers * len(PROJECTIONS)
+    counts = {}
+    for shape in MATRIX.values():
+        counts[shape] = counts.get(shape, 0) + 1
+    print("\nshape          kernels/layer  median stable_rank s  median svd s  ratio")
+    total_sr = total_svd = 0.0
+    for name in REPRESENTATIVES:
+        shape = MATRIX[name]
+        assert tuple(kernel_matrix(build(name, seed=0)).shape) == shape
+        sr, svd = np.median(times[name]["stable_rank"]), np.median(times[name]["svd"])
+        total_sr += counts[shape] * sr
+        total_svd += counts[shape] * svd
+        print(f"{str(shape):14s} {counts[shape]:13d}  {sr:20.3f}  {svd:12.2f}  {svd / sr:6.1f}")
+    kernels = 18 * len(PROJECTIONS)
+    ratio = total_svd / total_sr
+    print(f"\nper layer (7 kernels): stable_rank {total_sr:.2f} s, numpy SVD {total_svd:.1f} s")
+    print(f"whole model ({kernels} kernels): stable_rank {18 * total_sr:.0f} s, numpy SVD "
+          f"{18 * total_svd:.0f} s, ratio {ratio:.1f}x  ({load()})")
+    print(f"max relative error vs SVD ({len(errors)} kernels): {max(errors):.2e}", flush=True)
+
+    if args.layers:
+        start = time.perf_counter()
+        for index in range(args.layers):
+            for name in PROJECTIONS:
+                spectral.stable_rank(build(name, seed=index * 10 + len(name)))
+                gc.collect()
+        elapsed = time.perf_counter() - start
+        print(f"stable_rank on all {args.layers * len(PROJECTIONS)} kernels of {args.layers} "
+              f"layer(s) in a row: {elapsed:.1f} s ({elapsed / args.layers:.2f} s per layer; "
+              f"the per-shape estimate: {total_sr:.2f} s)  ({load()})")
+
     report_ratio("bench_stable_rank", backend, f"time numpy SVD / stable_rank ({kernels} kernels)",
-                 svd_total / lanczos_time, ">= 50")
-    report_ratio("bench_stable_rank", backend, "max relative error vs SVD", max(errors),
-                 "<= 0.005")
+                 ratio, ">= 50")
+    report_ratio("bench_stable_rank", backend, "max relative error vs SVD", max(errors), "<= 0.005")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,14 @@ def check(args, files):
 
 def main(argv=None):
     args = parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="backend_swap_")
-    os.makedirs(workdir, exist_ok=True)
+    if args.workdir is None:  # a temporary work folder, removed at the end
+        with tempfile.TemporaryDirectory(prefix="backend_swap_") as workdir:
+            return run(args, workdir)
+    os.makedirs(args.workdir, exist_ok=True)
+    return run(args, args.workdir)
+
+
+def run(args, workdir):
     files = paths(workdir)
     if args.stage == "train":
         train(args, files)

@@ -50,12 +50,13 @@ def main(argv=None):
     print(f"adapted: target mse {adapted:.4f}")
 
     kal.merge_adapters(model)
-    path = os.path.join(tempfile.mkdtemp(), "merged.keras")
-    model.save(path)
-    reloaded = keras.saving.load_model(path)
-    diff = float(np.abs(np.asarray(keras.ops.convert_to_numpy(reloaded(x)))
-                        - np.asarray(keras.ops.convert_to_numpy(model(x)))).max())
-    print(f"merged and saved to {path}; reload max |diff| = {diff:.2e}")
+    with tempfile.TemporaryDirectory(prefix="plain_keras_lora_") as folder:  # removed after
+        path = os.path.join(folder, "merged.keras")
+        model.save(path)
+        reloaded = keras.saving.load_model(path)
+        diff = float(np.abs(np.asarray(keras.ops.convert_to_numpy(reloaded(x)))
+                            - np.asarray(keras.ops.convert_to_numpy(model(x)))).max())
+    print(f"merged, saved and reloaded (a temporary .keras file); reload max |diff| = {diff:.2e}")
     return {"adapted_mse": float(adapted), "reload_diff": diff}
 
 

@@ -2,19 +2,27 @@
 
 Layers are found by walking the layer tree (`core.tree.walk`) and matched by
 `layer.path` and type, never by list index; the swap itself is
-`core.tree.swap_layer`.
+`core.tree.swap_layer`. Adapting is all or nothing (`all_or_nothing`): a
+failure on any target leaves the model exactly as it was. A model holding
+adapters has its `save` guarded (`guard_save`): a whole-model file cannot
+hold them, and the refusal comes before Keras opens the file.
 """
 
+import contextlib
 import json
 import re
+import weakref
 
-from keras_adaptive_lora.core.adapter import AdapterLayer
+import keras
+
+from keras_adaptive_lora.core.adapter import AdapterLayer, check_wrappable, unmerged_save_error
 from keras_adaptive_lora.core.method import AdapterMethod, method_of
 from keras_adaptive_lora.core.tree import (
     PROJECTION_TYPES,
     find_adapters,
     layer_path,
     reset_compiled_functions,
+    saved_state,
     short_name,
     swap_layer,
     walk,
@@ -49,6 +57,22 @@ def _scope_for_all_linear(model, train_also_layers):
         for parent, layer in walk(root)
         if isinstance(layer, PROJECTION_TYPES + (AdapterLayer,)) and id(layer) not in skip
     ]
+
+
+def _check_pattern(pattern, what):
+    """Raise a `ValueError` naming `pattern` when it is not a valid regex."""
+    if _NAME_RE.match(pattern):
+        return
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(
+            f"{what} {pattern!r} is not a valid regular expression ({error}). An "
+            "entry is a layer name (letters, digits, `_`: exact match on the last "
+            "component of `layer.path`) or a regular expression matched in full "
+            "against `layer.path`, e.g. r'.*block_0/query'; escape special "
+            "characters (`re.escape`) to match them literally. Nothing was changed."
+        ) from None
 
 
 def _matches(pattern, layer):
@@ -96,6 +120,8 @@ def match_targets(model, method, targets=None, train_also=()):
                 f"'all-linear' matched no Dense/EinsumDense layer in {type(model).__name__}."
             )
     else:
+        for pattern in patterns:
+            _check_pattern(pattern, "Target")
         every = list(walk(model))
         sites, seen = [], set()
         for pattern in patterns:
@@ -139,6 +165,7 @@ def _find_named(model, names, what):
     found = []
     every = [layer for _, layer in walk(model)]
     for name in names:
+        _check_pattern(name, f"`{what}` entry")
         hits = [layer for layer in every if _matches(name, layer)]
         if not hits:
             raise ValueError(
@@ -175,6 +202,13 @@ def apply_adapters(model, method, targets=None, train_also=()):
     Returns:
         An `AdapterReport` (print it for a per-layer table).
 
+    All or nothing: every target is checked first, and if any target fails
+    (a rank too large for it, an unsupported quantization, Keras's built-in
+    LoRA, a budget too small, ...) the `ValueError` names it and the model is
+    left exactly as it was (layers, activations, trainable flags, weights).
+    Afterwards `model.save(...)` refuses (before touching the file) until the
+    adapters are merged; see `merge_adapters` and `save_adapters`.
+
     Example:
     ```python
     report = apply_adapters(backbone, LoRA(rank=8))
@@ -192,18 +226,23 @@ def apply_adapters(model, method, targets=None, train_also=()):
         )
     train_also_layers = _find_named(model, train_also, "train_also")
     sites = match_targets(model, method, targets, train_also)
-    # Wrap all first (errors leave the model untouched), then swap.
-    adapters = method.wrap_all([layer for _, layer in sites])
-    spec = method_spec(method, _resolve_targets(model, method, targets))
-    for adapter in adapters:
-        adapter.method_spec = spec
+    layers = [layer for _, layer in sites]
+    for layer in layers:  # what every method needs, before anything is built
+        check_wrappable(layer)
     keep = [v for layer in train_also_layers for v in layer.weights if v.trainable]
-    install_adapters(
-        model,
-        [(parent, layer, adapter) for (parent, layer), adapter in zip(sites, adapters)],
-        keep_trainable=keep,
-    )
-    return build_report(model, method, adapters, train_also_layers)
+    spec = method_spec(method, _resolve_targets(model, method, targets))
+    with all_or_nothing(model, layers) as swapped:
+        # Wrapping changes each layer (frozen, activation moved): undone on error.
+        adapters = method.wrap_all(layers)
+        for adapter in adapters:
+            adapter.method_spec = spec
+        install_adapters(
+            model,
+            [(parent, layer, adapter) for (parent, layer), adapter in zip(sites, adapters)],
+            keep_trainable=keep,
+            swapped=swapped,
+        )
+        return build_report(model, method, adapters, train_also_layers)
 
 
 def method_spec(method, targets):
@@ -220,19 +259,85 @@ def method_spec(method, targets):
     )
 
 
-def install_adapters(model, swaps, keep_trainable=()):
+@contextlib.contextmanager
+def all_or_nothing(model, layers):
+    """Context manager around adapting `layers` of `model`: yields a list for
+    `install_adapters(..., swapped=)`. On any error in the block the recorded
+    swaps are undone (last first), the trainable flags and the activations of
+    `layers` are restored (`saved_state`) and the error is re-raised, so the
+    model is as before."""
+    restore = saved_state(model, layers)
+    guarded = _guarded_models(model)
+    swapped = []
+    try:
+        yield swapped
+    except BaseException:
+        for parent, layer, adapter in reversed(swapped):
+            swap_layer(parent, adapter, layer)
+        restore()
+        for each in _guarded_models(model):
+            if each not in guarded:
+                del each.save
+        reset_compiled_functions(model)
+        raise
+
+
+class _GuardedSave:
+    """`model.save` of a model holding adapters: refuses (`ValueError`)
+    before Keras opens the file; without adapters it is Keras's own."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        self.__doc__ = keras.Model.save.__doc__
+
+    def __call__(self, filepath, *args, **kwargs):
+        model = self._model()
+        adapters = find_adapters(model)
+        if adapters:
+            raise unmerged_save_error(adapters[0])
+        return type(model).save(model, filepath, *args, **kwargs)
+
+
+def _models(model):
+    return [model] + [m for _, m in walk(model) if isinstance(m, keras.Model)]
+
+
+def _guarded_models(model):
+    return [m for m in _models(model) if isinstance(vars(m).get("save"), _GuardedSave)]
+
+
+def guard_save(model):
+    """Guard `save` of `model` and of its nested models (`_GuardedSave`)."""
+    for each in _models(model):
+        if not isinstance(vars(each).get("save"), _GuardedSave):
+            each.save = _GuardedSave(each)
+
+
+def unguard_save(model):
+    """Remove the guard of `model` and its nested models without adapters."""
+    for each in _guarded_models(model):
+        if not find_adapters(each):
+            del each.save
+
+
+def install_adapters(model, swaps, keep_trainable=(), swapped=None):
     """Swap adapters into `model` and freeze it as `apply_adapters` does.
 
     Args:
-        model: the model (its compiled functions are reset).
+        model: the model (its compiled functions are reset, its `save`
+            guarded, see `guard_save`).
         swaps: `(parent, layer, adapter)` triples; `adapter` replaces `layer`
             in `parent`.
         keep_trainable: variables (besides the trainable variables of every
             adapter in the model, earlier ones included) that stay trainable;
             every other variable of `model` is frozen.
+        swapped: a list (from `all_or_nothing`) that gets each swap once done.
     """
     for parent, layer, adapter in swaps:
         swap_layer(parent, layer, adapter)
+        if swapped is not None:
+            swapped.append((parent, layer, adapter))
+    guard_save(model)
     reset_compiled_functions(model)
     keep = {id(v) for a in find_adapters(model) for v in a.trainable_weights}
     keep |= {id(v) for v in keep_trainable}
@@ -264,5 +369,6 @@ def merge_adapters(model, *, quantize=None):
     merged = [adapter.merge(quantize=quantize) for _, adapter in sites]  # all or nothing
     for (parent, adapter), layer in zip(sites, merged):
         swap_layer(parent, adapter, layer)
+    unguard_save(model)
     reset_compiled_functions(model)
     return len(sites)

@@ -16,6 +16,7 @@ from keras_adaptive_lora.methods.flexlora import (
 from keras_adaptive_lora.spectral import spectral_entropy_importance
 from keras_adaptive_lora.core.optimizer_slots import reset_optimizer_slots
 from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler
+from keras_adaptive_lora.methods.flexlora.spec import scale_ranks
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
 from conftest import tiny_gemma, to_numpy, token_batch
@@ -569,3 +570,212 @@ def test_flexlora_schedule_fits_the_scheduler():
     assert scheduler.get_config() == {
         "total_steps": 200, "b0": 4, "warmup_steps": 30, "final_steps": 30, "interval": 6, "verbose": 2,
     }
+
+
+# --------------------------------------------------------------------------
+# The reallocation rule, exactly as documented
+# --------------------------------------------------------------------------
+def oracle_moves(importance, ranks, capacity, budget, *, strict=True, cap=True):
+    """Independent re-derivation of the documented rule: `b = min(budget,
+    L // 2)` (without `cap`: `budget`); prune the `b` least important layers
+    with rank > 1, expand the `b` most important others with a free slot,
+    pair them in order; a pair moves only if the expanding layer is strictly
+    (without `strict`: at least) as important. Returns the new ranks."""
+    n = len(importance)
+    b = min(budget, n // 2) if cap else budget
+    ascending = sorted(range(n), key=lambda i: (importance[i], i))
+    prune = [i for i in ascending if ranks[i] > 1][:b]
+    descending = sorted(range(n), key=lambda i: (-importance[i], i))
+    expand = [i for i in descending if ranks[i] < capacity[i] and i not in prune][:b]
+    out = list(ranks)
+    for p, e in zip(prune, expand):
+        if importance[e] > importance[p] if strict else importance[e] >= importance[p]:
+            out[p] -= 1
+            out[e] += 1
+    return out
+
+
+def one_reallocation(ts, b0):
+    """Branches with rank 2 of 4 and lambda = (1, t): importance grows with t.
+    Frozen weights (SGD, learning rate 0) and one reallocation, at step 5 with
+    budget b(5) = round(b0 (1 - 1/2)^3) = b0 / 8. Returns (ranks before, ranks
+    after, importances, moves)."""
+    names = tuple(f"b{i}" for i in range(len(ts)))
+    model = branch_model(names)
+    kal.apply_adapters(model, FlexLoRA(rank=2, seed=0), targets=list(names))
+    adapters = kal.find_adapters(model)
+    for adapter, t in zip(adapters, ts):
+        set_state(adapter, [1.0, t, 0.0, 0.0], [1, 1, 0, 0])
+    importance = [oracle_entropy([1.0, t], [1, 1]) for t in np.float32(ts)]
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    scheduler = FlexLoRAScheduler(20, b0=b0, warmup_steps=0, final_steps=10, interval=5, verbose=0)
+    assert [scheduler.budget(t) for t in range(20)] == [0] * 5 + [b0 // 8] + [0] * 14
+    x = np.random.default_rng(0).normal(size=(20, 16)).astype("float32")
+    y = np.zeros((20, 8 * len(ts)), "float32")
+    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0, callbacks=[scheduler])
+    after = [rank_pattern(model)[a.path] for a in adapters]
+    return [2] * len(ts), after, importance, sum(history.history["flexlora/moves"])
+
+
+def test_rule_expanding_layer_must_be_strictly_more_important():
+    """Budget 2 over 4 layers: pairs (b0 -> b3) and (b1 -> b2). b1 and b2
+    are equally important, so the second pair does not move."""
+    before, after, importance, moves = one_reallocation([0.1, 0.5, 0.5, 0.9], b0=16)
+    assert importance[1] == importance[2] and importance[0] < importance[1] < importance[3]
+    assert after == oracle_moves(importance, before, [4] * 4, 2) == [1, 2, 2, 3]
+    assert moves == 1
+    # Without the rule the blocked pair would move: the case tests the rule.
+    assert oracle_moves(importance, before, [4] * 4, 2, strict=False) == [1, 1, 3, 3]
+
+
+def test_rule_budget_is_capped_at_half_the_layers():
+    """Budget 5 over 6 layers is capped at 3: the 3 least important layers
+    give one component each to the 3 most important. Uncapped, 5 prunes
+    would leave one layer to expand (a single move)."""
+    before, after, importance, moves = one_reallocation([0.1, 0.2, 0.3, 0.6, 0.7, 0.8], b0=40)
+    assert importance == sorted(importance) and len(set(importance)) == 6
+    assert after == oracle_moves(importance, before, [4] * 6, 5) == [1, 1, 1, 3, 3, 3]
+    assert moves == 3 and sum(after) == sum(before)
+    assert oracle_moves(importance, before, [4] * 6, 5, cap=False) == [1, 2, 2, 2, 2, 3]
+
+
+# --------------------------------------------------------------------------
+# init_ranks="stable_rank": SR-LoRA's prior as the starting allocation
+# --------------------------------------------------------------------------
+def oracle_scale(weights, capacities, total):
+    """Independent oracle of `scale_ranks`: the exact factor from the
+    breakpoints of the piecewise-linear sum (numpy), then Hamilton's largest
+    remainder rounding (ties to the earlier layer)."""
+    w, c = np.asarray(weights, "float64"), np.asarray(capacities, "float64")
+    spread = lambda f: np.clip(f * w, 1.0, c)  # noqa: E731
+    points = np.unique(np.concatenate([1.0 / w, c / w]))
+    sums = np.array([spread(f).sum() for f in points])
+    j = int(np.searchsorted(sums, total))  # sums[j - 1] < total <= sums[j]
+    if j == 0:
+        f = points[0]
+    else:
+        f0, f1 = points[j - 1], points[j]
+        f = f0 + (total - sums[j - 1]) * (f1 - f0) / (sums[j] - sums[j - 1])
+    x = spread(f)
+    ranks = np.floor(x + 1e-9).astype(int)
+    for i in sorted(range(len(x)), key=lambda i: (-(x[i] - ranks[i]), i))[: total - ranks.sum()]:
+        ranks[i] += 1
+    return ranks.tolist()
+
+
+def test_scale_ranks_matches_oracle():
+    assert scale_ranks([1, 3, 12], [16, 16, 16], 24) == [2, 6, 16]
+    assert scale_ranks([5, 5, 5], [4, 8, 8], 15) == [4, 6, 5]  # capped, remainder tie
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        weights = rng.integers(1, 40, size=n).astype(float) + rng.uniform(0, 1e-3, n)
+        capacities = rng.integers(1, 24, size=n)
+        total = int(rng.integers(n, capacities.sum() + 1))
+        got = scale_ranks(weights, capacities, total)
+        assert got == oracle_scale(weights, capacities, total)
+        assert sum(got) == total and all(1 <= r <= c for r, c in zip(got, capacities))
+    with pytest.raises(ValueError, match="cannot be split over 2 layers"):
+        scale_ranks([1.0, 2.0], [3, 3], 7)
+
+
+def kernel_with_stable_rank(d_in, d_out, target, seed):
+    """A kernel with sigma_1 = 1 and stable rank `target`."""
+    n = min(d_in, d_out)
+    rest = math.sqrt((target - 1.0) / (n - 1))
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.normal(size=(d_in, n)))[0]
+    v = np.linalg.qr(rng.normal(size=(d_out, n)))[0]
+    return ((u * np.array([1.0] + [rest] * (n - 1))) @ v.T).astype("float32")
+
+
+def svd_srank(kernel):
+    s = np.linalg.svd(np.asarray(kernel, "float64"), compute_uv=False)
+    return float(np.sum(s**2) / s[0] ** 2)
+
+
+SR_TARGETS = (1.2, 2.6, 4.4, 7.6)
+
+
+def stable_rank_branches():
+    names = tuple(f"b{i}" for i in range(len(SR_TARGETS)))
+    model = branch_model(names)
+    kernels = [kernel_with_stable_rank(16, 8, t, seed=i) for i, t in enumerate(SR_TARGETS)]
+    for name, kernel in zip(names, kernels):
+        model.get_layer(name).kernel.assign(kernel)
+    return model, names, kernels
+
+
+def test_stable_rank_init_plan_and_adapters_match_numpy_oracle():
+    model, names, kernels = stable_rank_branches()
+    spec = FlexLoRA(rank=3, seed=0, init_ranks="stable_rank")
+    sranks = [svd_srank(k) for k in kernels]
+    prior = [min(max(round(s), 1), 8) for s in sranks]  # SR-LoRA's ranks: [1, 3, 4, 8]
+    want = oracle_scale(prior, [6] * 4, 3 * 4)
+    assert prior == [1, 3, 4, 8] and want == [1, 2, 3, 6]
+    plan = spec.plan([model.get_layer(n) for n in names])
+    assert [p.rank for p in plan] == want and [p.capacity for p in plan] == [6] * 4
+    for p, s in zip(plan, sranks):
+        assert p.stable_rank == pytest.approx(s, rel=1e-3)
+        assert p.params == 6 * (16 + 8 + 1)
+    x = np.random.default_rng(1).normal(size=(5, 16)).astype("float32")
+    before = to_numpy(model(x))
+    kal.apply_adapters(model, spec, targets=list(names))
+    adapters = kal.find_adapters(model)
+    assert [a.rank() for a in adapters] == want and [a.capacity() for a in adapters] == [6] * 4
+    assert [a.active_mask().tolist() for a in adapters][3] == [True] * 6
+    np.testing.assert_allclose(to_numpy(model(x)), before, atol=1e-6)  # ΔW = 0 at the start
+    assert all(a.scale == pytest.approx(1.0) for a in adapters)  # alpha / rank, every layer
+    # The uniform start (the default) for comparison, and an explicit capacity.
+    assert [p.rank for p in FlexLoRA(rank=3).plan([model.get_layer(n).wrapped for n in names])] == [3] * 4
+    capped = FlexLoRA(rank=3, max_rank=4, init_ranks="stable_rank")
+    layers = [a.wrapped for a in adapters]
+    assert [p.rank for p in capped.plan(layers)] == oracle_scale(prior, [4] * 4, 12) == [1, 3, 4, 4]
+
+
+def test_stable_rank_init_trains_under_the_same_total_rank():
+    model, names, _ = stable_rank_branches()
+    kal.apply_adapters(model, FlexLoRA(rank=2, seed=1, init_ranks="stable_rank"), targets=list(names))
+    start = [a.rank() for a in kal.find_adapters(model)]
+    assert sum(start) == 8 and len(set(start)) > 1
+    x, y = branch_task(model, (0, 2, 4, 6), n=64)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    scheduler = FlexLoRAScheduler(40, b0=2, warmup_steps=4, final_steps=8, interval=2, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[scheduler])
+    hist = scheduler.rank_history()
+    assert list(hist["ranks"][0]) == start
+    assert set(hist["ranks"].sum(axis=1)) == {8}
+
+
+def test_stable_rank_init_config_and_adapter_file_round_trip(tmp_path):
+    spec = FlexLoRA(rank=3, seed=0, init_ranks="stable_rank")
+    assert FlexLoRA.from_config(spec.get_config()) == spec
+    assert spec.get_config()["init_ranks"] == "stable_rank"
+    model, names, _ = stable_rank_branches()
+    kal.apply_adapters(model, spec, targets=list(names))
+    adapters = kal.find_adapters(model)
+    for adapter in adapters:
+        config = adapter.get_config()
+        assert config["active_rank"] == adapter.rank() and config["rank"] == 3
+        assert FlexLoRAAdapter.from_config(config).rank() == adapter.rank()
+    for adapter in adapters:  # a trained state: nonzero gains
+        set_state(adapter, np.linspace(0.5, 1.0, 6), adapter.active_mask())
+    x = np.random.default_rng(2).normal(size=(4, 16)).astype("float32")
+    path = str(tmp_path / "adapters.npz")
+    kal.save_adapters(model, path)
+    base, _, _ = stable_rank_branches()
+    report = kal.load_adapters(base, path)
+    assert report.method == spec
+    assert [a.rank() for a in kal.find_adapters(base)] == [a.rank() for a in adapters]
+    np.testing.assert_allclose(to_numpy(base(x)), to_numpy(model(x)), atol=1e-6)
+
+
+def test_init_ranks_and_active_rank_errors():
+    with pytest.raises(ValueError, match="`init_ranks` must be one of 'uniform', 'stable_rank'"):
+        FlexLoRA(init_ranks="sr")
+    with pytest.raises(ValueError, match="active_rank=5 is larger than the capacity max_rank=4"):
+        FlexLoRAAdapter(dense(), rank=2, active_rank=5)
+    with pytest.raises(ValueError, match="`active_rank` must be a positive integer"):
+        FlexLoRAAdapter(dense(), rank=2, active_rank=0)
+    adapter = FlexLoRAAdapter(dense(), rank=2, max_rank=6, active_rank=5)
+    assert adapter.rank() == 5 and adapter.scale == pytest.approx(1.0)

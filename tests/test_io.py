@@ -252,6 +252,17 @@ CORRUPTIONS = {
         lambda m, a: _set(_value_layer(m), "activation", "relu"),
         r"'decoder_block_0/attention/value' has activation 'linear' .* 'relu'",
     ),
+    # The file contradicts itself: its recorded rank or config vs its arrays.
+    "recorded_rank": (
+        lambda m, a: _set(_value_layer(m), "rank", 1),
+        r"'decoder_block_0/attention/value': the file records rank 1 but its arrays "
+        r"hold a rank-2 LoRAAdapter.*contradicts itself",
+    ),
+    "config_rank": (
+        lambda m, a: _value_layer(m)["adapter_config"].update(rank=1),
+        r"'decoder_block_0/attention/value', variable 'lora_a': the file's array has shape "
+        r"\(16, 2\) but its recorded config \(.*rank=1.*\) builds shape \(16, 1\).*contradicts itself",
+    ),
 }
 
 
@@ -484,13 +495,13 @@ def test_failed_export_merged_keeps_previous_saved_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras.Model, "export", export)
     with pytest.raises(OSError, match="disk full"):
-        kal.export_merged(model, path)
+        kal.export_merged(model, path, overwrite=True)
     monkeypatch.undo()
     assert _listing(tmp_path) == ["saved_model"]
     np.testing.assert_allclose(serve(path), old, atol=1e-5)
     assert kal.find_adapters(model) == [adapter]
     # An export that succeeds replaces the SavedModel as a whole.
-    kal.export_merged(model, path)
+    kal.export_merged(model, path, overwrite=True)
     assert _listing(tmp_path) == ["saved_model"]
     np.testing.assert_allclose(serve(path), new, atol=1e-5)
     # A folder holding anything else is refused and left alone.

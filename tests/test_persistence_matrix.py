@@ -417,12 +417,6 @@ def test_export_merged_serves_adapted_outputs(name, exchange, tmp_path):
     np.testing.assert_array_equal(to_numpy(backbone(x, training=False)), want)
 
 
-@pytest.mark.skipif(BACKEND == "tensorflow", reason="the in-process export covers tensorflow")
-def test_export_merged_needs_tensorflow(exchange, tmp_path):
-    with pytest.raises(ValueError, match="save_merged.*cli export"):
-        kal.export_merged(exchange["models"]["lora"], str(tmp_path / "nope"))
-
-
 @pytest.mark.skipif(
     BACKEND != CLI_EXPORT_FROM,
     reason=f"runs under the {CLI_EXPORT_FROM} suite (whose tensorflow subprocess also loads "

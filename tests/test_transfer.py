@@ -15,117 +15,154 @@ import pytest
 pytest.importorskip("tensorflow")  # tf.data pipelines and the SavedModel
 
 from keras_adaptive_lora.apps import transfer  # noqa: E402
-from keras_adaptive_lora.apps.transfer import cli, options, report, synthetic, train  # noqa: E402
+from keras_adaptive_lora.apps.transfer import (  # noqa: E402
+    budget,
+    cli,
+    options,
+    plot,
+    report,
+    settings,
+    stats,
+    synthetic,
+    train,
+)
+from keras_adaptive_lora.apps.transfer import data as data_module  # noqa: E402
 from keras_adaptive_lora.core.method import method_names  # noqa: E402
 
 QUICK = options.OFFLINE["quick"]
-ALL = options.all_methods()
+SEEDS = (0, 1)
+# Every method but `scratch` (the `full` code path from a random init): the
+# run is compile-bound, two seeds each.
+METHODS = options.compared_methods()
+ADAPTERS = tuple(method_names())
+HEAD = QUICK["hidden_dim"] * len(synthetic.TARGET_CLASSES) + len(synthetic.TARGET_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The quick setting with 2 seeds, every method but scratch, matched
+    budgets (the default), on the current backend."""
     out = tmp_path_factory.mktemp("transfer")
     lines = []
-    keras.utils.set_random_seed(0)
-    result = transfer.run_transfer(quick=True, output_dir=str(out), verbose=0, log=lines.append)
+    result = transfer.run_transfer(
+        quick=True, seeds=",".join(map(str, SEEDS)), methods=",".join(METHODS),
+        output_dir=str(out), log=lines.append,
+    )
     return result, lines, str(out)
 
 
 # --------------------------------------------------------------------------
-# The job end to end (quick setting)
+# The job end to end (quick setting, 2 seeds)
 # --------------------------------------------------------------------------
-def test_quick_run_table_has_one_row_per_method(quick_run):
+def test_quick_run_budgets_match_within_5_percent(quick_run):
     result, lines, _ = quick_run
-    assert [r["method"] for r in result.rows] == list(ALL)  # offline default adds scratch
+    budget = result.budget
+    assert budget["mode"] == "same" and budget["targets"] == ["query", "value"]
+    assert budget["within_tolerance"] and budget["spread"] <= 0.05
+    counts = {}
+    for method in ADAPTERS:
+        for run in result.runs[method]:
+            # The same layers for every adapter method, and the planned count built.
+            assert run["targets"] == ["query", "value"], method
+            assert len(run["initial_ranks"]) == 2 * QUICK["num_layers"]
+            assert run["adapter_params"] == budget["methods"][method]["adapter_params"]
+            assert run["trainable_params"] == run["adapter_params"] + HEAD
+            assert run["size"] == budget["methods"][method]["options"]
+        counts[method] = result.row(method)["trainable_params"]
+    assert max(counts.values()) / min(counts.values()) <= 1.05, counts
+    # Each method is sized by its own option (a rank or a budget), and the
+    # matched counts are printed.
+    assert all(len(result.runs[m][0]["size"]) == 1 for m in ADAPTERS)
+    printed = "\n".join(lines)
+    for method in ADAPTERS:
+        assert f"{budget['methods'][method]['adapter_params']:,} adapter parameters" in printed
+
+
+def test_quick_run_table_has_mean_and_standard_error_per_method(quick_run):
+    result, lines, _ = quick_run
+    assert [r["method"] for r in result.rows] == list(METHODS)
     table = result.table()
-    body = table.splitlines()[2 : 2 + len(ALL)]
-    assert [line.split()[0] for line in body] == list(ALL)
-    assert f"{result.best} *" in table
-    # A progress line per method, in order, then the table in the log.
-    progress = [line for line in lines if line.startswith("[")]
-    assert [p.split()[1] for p in progress] == list(ALL)
-    assert [p.split()[0] for p in progress] == [f"[{i}/{len(ALL)}]" for i in range(1, len(ALL) + 1)]
     assert table in lines
-    for row in result.rows:
-        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
-        assert row["ms_per_step"] > 0 and row["steps"] == 3  # 12 images, batch 4, 1 epoch
+    body = table.splitlines()[2 : 2 + len(METHODS)]
+    for line, row in zip(body, result.rows):
+        runs = result.runs[row["method"]]
+        assert [r["seed"] for r in runs] == list(SEEDS) == row["seeds"]
+        accuracies = np.array([r["test_accuracy"] for r in runs])
+        mean, se = accuracies.mean(), accuracies.std(ddof=1) / np.sqrt(len(SEEDS))
+        assert row["test_accuracy"] == pytest.approx(mean)
+        assert row["test_accuracy_se"] == pytest.approx(se)
+        assert line.split()[0] == row["method"]
+        assert f"{mean:.3f} ± {se:.3f}" in line
+    assert "mean ± standard error over 2 seeds (0, 1)" in table
+    assert f"{result.best} *" in table and "* best mean validation accuracy (exported)" in table
+    # One progress line per method, in order, and few lines in all.
+    progress = [line for line in lines if line.startswith("[")]
+    assert [p.split()[1] for p in progress] == list(METHODS)
+    assert all("±" in p for p in progress)
+    assert len(lines) < 60
 
 
-def _adapter_params(ranks, shapes, per_rank_extra=0, per_layer_extra=0):
-    return sum(
-        r * (shapes[p][0] + shapes[p][1]) + r * per_rank_extra + per_layer_extra
-        for p, r in ranks.items()
-    )
-
-
-def _projection_shapes(hidden, mlp):
-    """(d_in, d_out) of the ViT projections by name."""
-    return {
-        "query": (hidden, hidden), "key": (hidden, hidden), "value": (hidden, hidden),
-        "attention_output": (hidden, hidden), "dense_1": (hidden, mlp), "dense_2": (mlp, hidden),
-    }
-
-
-def test_quick_run_trainable_parameter_counts(quick_run):
+def test_quick_run_results_json_keeps_every_seed(quick_run):
     result, _, out = quick_run
-    rows = {r["method"]: r for r in result.rows}
-    hidden, mlp, layers = QUICK["hidden_dim"], QUICK["mlp_dim"], QUICK["num_layers"]
-    classes = len(synthetic.TARGET_CLASSES)
-    head = hidden * classes + classes
-    named = _projection_shapes(hidden, mlp)
-    shapes = lambda ranks: {p: named[p.rsplit("/", 1)[-1]] for p in ranks}  # noqa: E731
-    backbone = keras_hub.models.Backbone.from_preset(os.path.join(out, "pretrained_vit"))
-    assert rows["linear"]["trainable_params"] == head
-    assert rows["full"]["trainable_params"] == backbone.count_params() + head
-    assert rows["scratch"]["trainable_params"] == rows["full"]["trainable_params"]
-    # LoRA: rank 8 on query and value of every block.
-    lora = rows["lora"]
-    assert sorted({p.rsplit("/", 1)[-1] for p in lora["ranks"]}) == ["query", "value"]
-    assert len(lora["ranks"]) == 2 * layers and set(lora["ranks"].values()) == {8}
-    assert lora["trainable_params"] == head + 2 * layers * 8 * (hidden + hidden)
-    # SR-LoRA: its own ranks on query, value, attention output.
-    sr = rows["sr-lora"]
-    assert sorted({p.rsplit("/", 1)[-1] for p in sr["ranks"]}) == ["attention_output", "query", "value"]
-    assert sr["trainable_params"] == head + _adapter_params(sr["ranks"], shapes(sr["ranks"]))
-    # FlexLoRA: capacity R per layer (A, B and lambda), every projection.
-    assert sr["capacity"] == sr["ranks"]  # fixed ranks: capacity is the rank
-    flex = rows["flexlora"]
-    assert len(flex["capacity"]) == 6 * layers
-    assert flex["initial_rank"] == 8 and flex["schedule"]  # its scheduler's settings
-    assert flex["trainable_params"] == head + _adapter_params(
-        flex["capacity"], shapes(flex["capacity"]), per_rank_extra=1
-    )
-    assert sum(flex["ranks"].values()) == 8 * len(flex["ranks"])  # total active rank is kept
-    # LR-LoRA: rank 8 factors plus 2 x 50 transfer parameters per layer.
-    sinc = rows["sinc"]
-    assert sinc["trainable_params"] == head + _adapter_params(
-        sinc["ranks"], shapes(sinc["ranks"]), per_layer_extra=100
-    )
-    assert set(sinc["update_stable_ranks"]) == set(sinc["ranks"])
-    assert rows["linear"]["trainable_params"] < lora["trainable_params"] < rows["full"]["trainable_params"]
-    # The kept best model reports the same count.
-    model_count = sum(int(np.prod(v.shape)) for v in result.best_model.trainable_weights)
-    assert model_count == result.row(result.best)["trainable_params"]
-
-
-def test_quick_run_plot_and_results_json(quick_run):
-    result, _, out = quick_run
-    with open(result.plot_path, "rb") as f:
-        head = f.read(8)
-    assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(result.plot_path) > 5000
     with open(os.path.join(out, "results.json")) as f:
         record = json.load(f)
-    assert [m["method"] for m in record["methods"]] == list(ALL)
-    assert record["best"] == result.best
+    assert [m["method"] for m in record["methods"]] == list(METHODS)
+    runs = record["runs"]
+    assert len(runs) == len(METHODS) * len(SEEDS)
+    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in METHODS for s in SEEDS}
+    for run in runs:
+        kept = next(r for r in result.runs[run["method"]] if r["seed"] == run["seed"])
+        assert run["test_accuracy"] == pytest.approx(kept["test_accuracy"])
+        assert run["val_accuracy"] == pytest.approx(kept["val_accuracy"])
+    assert record["config"]["seeds"] == list(SEEDS) and record["config"]["budget"] == "same"
+    assert record["budget"]["within_tolerance"] is True
+    pairs = {(c["a"], c["b"]) for c in record["comparisons"]}
+    assert len(pairs) == len(METHODS) * (len(METHODS) - 1) // 2
+    assert record["best"] == result.best and record["best_seed"] in SEEDS
     assert record["backend"] == keras.backend.backend()
     assert record["config"]["shots"] == QUICK["shots"] and record["config"]["quick"] is True
     assert record["data"]["counts"]["train"] == {str(c): QUICK["shots"] for c in range(6)}
     assert record["pretraining"]["preset"] == os.path.join(out, "pretrained_vit")
     assert record["input"]["scale"] == pytest.approx(1 / 127.5)
-    assert record["input"]["offset"] == pytest.approx(-1.0)
-    for m, row in zip(record["methods"], result.rows):
-        assert m["test_accuracy"] == pytest.approx(row["test_accuracy"])
-        assert m["trainable_params"] == row["trainable_params"]
+    assert record["machine"]["cpus"] == os.cpu_count() and len(record["machine"]["load_average"]) == 3
+    assert record["seconds"] > 0
+
+
+def test_quick_run_seeds_change_the_sample(quick_run):
+    result, _, _ = quick_run
+    # A seed draws its own few-shot sample and test examples: the per-seed
+    # accuracies differ somewhere.
+    assert any(
+        len({(r["val_accuracy"], r["test_accuracy"]) for r in result.runs[m]}) > 1 for m in METHODS
+    )
+    a = data_module.synthetic_splits(shots=2, seed=0, val_per_class=2, test_size=12, image_size=16)
+    b = data_module.synthetic_splits(shots=2, seed=1, val_per_class=2, test_size=12, image_size=16)
+    xa = np.concatenate([x for x, _ in a.train.batch(64).as_numpy_iterator()])
+    xb = np.concatenate([x for x, _ in b.train.batch(64).as_numpy_iterator()])
+    assert np.abs(xa - xb).mean() > 1.0
+    # The seed reaches the adapters' own seeds too.
+    for name in ADAPTERS:
+        spec = train.method_spec(name, rank=2, seed=5)
+        if "seed" in spec.option_names():
+            assert spec.seed == 5
+
+
+def test_quick_run_plot_has_no_overlapping_labels(quick_run):
+    result, _, _ = quick_run
+    with open(result.plot_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    fig = plot.build_figure(result.rows, best=result.best, title="a title")
+    try:
+        assert plot.overlapping_texts(fig) == []
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert f"{result.row(result.best)['title']} (exported)" in legend
+        assert len(fig.axes[0].containers) == len(result.rows)  # one error bar per method
+        titles = " ".join(ax.get_title() for ax in fig.axes)
+        assert "initial rank" in titles and "capacity" in titles
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_quick_run_exported_saved_model_matches_the_model(quick_run):
@@ -153,16 +190,44 @@ def test_quick_run_exported_saved_model_matches_the_model(quick_run):
     np.testing.assert_allclose(served, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_reusing_the_offline_preset_keeps_the_offline_settings(quick_run, tmp_path):
+    """`--preset OUT/pretrained_vit` (what the job tells the user to do)
+    keeps the offline settings of the run that wrote it, says so, and does
+    not pre-train again."""
+    preset = os.path.join(quick_run[2], "pretrained_vit")
+    lines = []
+    result = transfer.run_transfer(
+        preset=preset, methods="linear", seeds="3", output_dir=str(tmp_path), export=False,
+        plot=False, log=lines.append,
+    )
+    config = result.config
+    assert config["mode"] == "reused" and config["setting"] == "quick" and config["offline"]
+    assert (config["shots"], config["epochs"], config["test_size"]) == (
+        QUICK["shots"], QUICK["epochs"], QUICK["test_size"])
+    assert any(f"reusing the pre-trained ViT in {preset}" in line for line in lines)
+    assert not any(line.startswith("pre-training") for line in lines)
+    assert not os.path.exists(os.path.join(tmp_path, "pretrained_vit"))
+    assert result.row("linear")["seeds"] == [3]
+    # The default methods of a reused offline preset include the scratch reference.
+    assert options.parse_methods(None, offline=True)[-1] == "scratch"
+
+
 # --------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------
-def test_parse_methods():
+def test_parse_methods_and_seeds():
     compared = options.compared_methods()
     assert compared == options.BASELINES + tuple(method_names())  # the registry's methods
     assert options.parse_methods(None, offline=False) == compared
-    assert options.parse_methods(None, offline=True) == ALL == compared + ("scratch",)
+    assert options.parse_methods(None, offline=True) == compared + ("scratch",)
     assert options.parse_methods("sinc, LoRA,linear,lora") == ("linear", "lora", "sinc")
     assert options.parse_methods(["all"], offline=False) == compared
+    assert options.parse_seeds("0, 1,2,1") == (0, 1, 2)
+    assert options.parse_seeds(4) == (4,) and options.parse_seeds([3, 1]) == (3, 1)
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        options.parse_seeds("0,a")
+    with pytest.raises(ValueError, match="integer >= 0"):
+        options.parse_seeds("-1")
 
 
 def test_titles_come_from_the_registry():
@@ -184,13 +249,136 @@ def test_every_method_builds_and_gives_its_callbacks(steps):
         assert train.method_spec(name, rank=2, seed=0) is None
 
 
+def test_stats_mean_se_and_paired_comparison():
+    mean, se = stats.mean_se([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and se == pytest.approx(0.1 / np.sqrt(3))
+    assert stats.mean_se([0.4]) == (0.4, None)
+    # Paired: a constant offset is certain, however noisy each method is.
+    a, b = [0.50, 0.70, 0.60], [0.45, 0.65, 0.55]
+    result = stats.paired(a, b)
+    assert result["diff"] == pytest.approx(0.05) and result["exceeds_2se"]
+    noisy = stats.paired([0.5, 0.7, 0.6], [0.6, 0.5, 0.65])
+    assert noisy["diff"] == pytest.approx(0.05 / 3) and not noisy["exceeds_2se"]
+    assert not stats.paired([0.5], [0.4])["exceeds_2se"]  # one seed: nothing marked
+    runs = {
+        "x": [{"seed": s, "test_accuracy": v} for s, v in zip((0, 1, 2), a)],
+        "y": [{"seed": s, "test_accuracy": v} for s, v in zip((0, 1, 2), b)],
+    }
+    rows = [{"method": "x", "test_accuracy": 0.6, "trainable_params": 1},
+            {"method": "y", "test_accuracy": 0.55, "trainable_params": 1}]
+    assert stats.versus_best(rows, runs) == "x"
+    assert rows[0]["vs_best"] is None and rows[1]["vs_best"]["exceeds_2se"]
+    assert rows[1]["vs_best"]["diff"] == pytest.approx(-0.05)
+    (pair,) = stats.compare(runs)
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("x", "y", [0, 1, 2])
+
+
+def test_table_marks_differences_beyond_two_standard_errors():
+    rows = [
+        {"method": "x", "test_accuracy": 0.6, "test_accuracy_se": 0.01, "val_accuracy": 0.6,
+         "trainable_params": 10, "total_params": 100, "ms_per_step": 1.0, "seeds": [0, 1, 2],
+         "vs_best": None},
+        {"method": "y", "test_accuracy": 0.5, "test_accuracy_se": 0.01, "val_accuracy": 0.5,
+         "trainable_params": 10, "total_params": 100, "ms_per_step": 1.0, "seeds": [0, 1, 2],
+         "vs_best": {"diff": -0.1, "se": 0.01, "exceeds_2se": True}},
+        {"method": "z", "test_accuracy": 0.59, "test_accuracy_se": 0.05, "val_accuracy": 0.5,
+         "trainable_params": 10, "total_params": 100, "ms_per_step": 1.0, "seeds": [0, 1, 2],
+         "vs_best": {"diff": -0.01, "se": 0.03, "exceeds_2se": False}},
+    ]
+    table = report.format_table(rows, best="x", exported=False)
+    lines = table.splitlines()
+    assert "0.600 ± 0.010" in lines[2] and "best" in lines[2]
+    assert "-0.100 ± 0.010 †" in lines[3] and "†" not in lines[4]
+    assert table.endswith("* best mean validation accuracy")  # no "(exported)" without export
+
+
+def _dense_model(widths):
+    inputs = keras.Input((widths[0],))
+    x = inputs
+    for i, width in enumerate(widths[1:]):
+        x = keras.layers.Dense(width, name=f"proj_{i}")(x)
+    return keras.Model(inputs, x)
+
+
+def test_match_budgets_on_given_layers():
+    """Every registered method sized to the same count on the same layers,
+    counts from each spec's own plan."""
+    keras.utils.set_random_seed(0)
+    model = _dense_model([64, 64, 64, 64])
+    match = budget.match_budgets(model, method_names(), rank=8, targets=["proj_0", "proj_1", "proj_2"])
+    assert match.within and match.spread <= budget.TOLERANCE
+    assert len(match.layers) == 3
+    for name, sizing in match.sizings.items():
+        spec = train.method_spec(name, rank=8, seed=0, size=sizing.options)
+        layers = [model.get_layer(f"proj_{i}") for i in range(3)]
+        assert sum(p.params for p in spec.plan(layers)) == sizing.params
+        assert list(sizing.options) == [budget.size_option(name)]
+    assert match.sizings["lora"].options == {"rank": 8}  # the reference keeps --rank
+
+
+def test_match_budgets_reports_when_it_cannot_match():
+    """Two layers of 4x4: a rank step is 8 parameters per layer and
+    LR-LoRA adds 100 per layer, so no setting lands within 5%: the match
+    says so instead of pretending."""
+    model = _dense_model([4, 4, 4])
+    match = budget.match_budgets(model, method_names(), rank=2, targets=["proj_0", "proj_1"])
+    assert not match.within and match.spread > budget.TOLERANCE
+    assert any("WARNING" in line for line in match.lines())
+
+
+def test_plot_overlap_check_can_fail():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.text(0.5, 0.5, "one label")
+    ax.text(0.5, 0.5, "another label")
+    try:
+        assert plot.overlapping_texts(fig) == [("one label", "another label")]
+    finally:
+        plt.close(fig)
+
+
+def test_plot_of_many_methods_at_one_budget_has_no_overlaps():
+    rows = [
+        {"method": m, "title": options.title(m), "test_accuracy": 0.5 + 0.01 * i,
+         "test_accuracy_se": 0.02, "trainable_params": 6000 + 40 * i, "total_params": 120000,
+         "seeds": [0, 1, 2], "ranks": {}}
+        for i, m in enumerate(ADAPTERS + options.BASELINES)
+    ]
+    rows[0]["trainable_params"] = 390
+    fig = plot.build_figure(rows, best=ADAPTERS[0], title="t" * 90)
+    try:
+        assert plot.overlapping_texts(fig) == []
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    x = plot.dodged([6000, 6040, 6100, 390])
+    assert len(set(np.round(x))) == 4 and x[3] == 390
+
+
+def test_rank_map_title_states_initial_rank_and_capacity():
+    row = {"title": "M", "seeds": [0, 1], "schedule": {"interval": 3},
+           "ranks": {"a/query": 3.5, "a/value": 4.5},
+           "initial_ranks": {"a/query": 4, "a/value": 4}, "capacity": {"a/query": 8, "a/value": 8}}
+    title = plot.rank_map_title(row)
+    assert "after training (mean of 2 seeds)" in title and "initial rank 4, capacity 8" in title
+    fixed = {"title": "S", "ranks": {"a/query": 3, "a/value": 7},
+             "initial_ranks": {"a/query": 3, "a/value": 7}, "capacity": {"a/query": 3, "a/value": 7}}
+    assert "set before training" in plot.rank_map_title(fixed)
+    assert "initial rank 3-7, capacity 3-7" in plot.rank_map_title(fixed)
+
+
 def test_rank_grid_layout():
     ranks = {
         "vit_encoder/transformer_block_1/mha/value": 3,
         "vit_encoder/transformer_block_1/mha/query": 5,
         "vit_encoder/transformer_block_2/mlp/dense_1": 7,
     }
-    blocks, roles, matrix = report.rank_grid(ranks)
+    blocks, roles, matrix = plot.rank_grid(ranks)
     assert blocks == [1, 2] and roles == ["query", "value", "dense_1"]
     expected = np.array([[5, 3, np.nan], [np.nan, np.nan, 7]])
     np.testing.assert_array_equal(matrix, expected)
@@ -276,6 +464,9 @@ def test_generated_task_errors(kwargs, match):
         ({"preset": "/nonexistent/preset"}, "Could not load the keras-hub preset"),
         ({"image_size": 20}, "multiple of the offline ViT's patch size 8"),
         ({"methods": ""}, "No method selected"),
+        ({"seeds": "0,x"}, "comma-separated integers"),
+        ({"seeds": "1", "seed": 1}, "not both"),
+        ({"budget": "equal"}, "`budget` must be one of same, free"),
     ],
 )
 def test_run_transfer_rejects_bad_options(tmp_path, kwargs, match):
@@ -286,6 +477,11 @@ def test_run_transfer_rejects_bad_options(tmp_path, kwargs, match):
 def test_quick_cannot_use_a_preset(tmp_path):
     with pytest.raises(ValueError, match="`quick` is the smallest offline setting"):
         transfer.run_transfer(quick=True, preset="x", output_dir=str(tmp_path))
+    # Nor an offline preset written with the default setting.
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / options.PRETRAINING_FILE).write_text(json.dumps({"setting": "default"}))
+    with pytest.raises(ValueError, match="pre-trained with the 'default' one"):
+        transfer.run_transfer(quick=True, preset=str(tmp_path / "p"), output_dir=str(tmp_path))
 
 
 def test_dataset_without_network_gives_a_clear_error(tmp_path, monkeypatch):
@@ -303,13 +499,18 @@ def test_dataset_without_network_gives_a_clear_error(tmp_path, monkeypatch):
 def test_real_mode_with_a_local_preset_and_mocked_tfds(quick_run, tmp_path):
     """`--preset DIR --dataset NAME`: the preset's converter and
     `data.few_shot_splits` (tfds mocked offline), VTAB-1k-style 1-shot default."""
+    import shutil
+
     tfds = pytest.importorskip("tensorflow_datasets")
-    preset = os.path.join(quick_run[2], "pretrained_vit")
+    # A keras-hub preset folder that the offline job did not write.
+    preset = str(tmp_path / "preset")
+    shutil.copytree(os.path.join(quick_run[2], "pretrained_vit"), preset)
+    os.remove(os.path.join(preset, options.PRETRAINING_FILE))
     with tfds.testing.mock_data(num_examples=120):
         result = transfer.run_transfer(
             preset=preset, dataset="eurosat/rgb", test_split="train", test_size=20,
-            methods="linear", epochs=1, output_dir=str(tmp_path), verbose=0, export=False,
-            plot=False, log=lambda line: None,
+            methods="linear", epochs=1, seeds="0", output_dir=str(tmp_path / "out"), verbose=0,
+            export=False, plot=False, log=lambda line: None,
         )
     with open(result.results_path) as f:
         record = json.load(f)
@@ -317,6 +518,11 @@ def test_real_mode_with_a_local_preset_and_mocked_tfds(quick_run, tmp_path):
     assert record["data"]["task"] == "eurosat/rgb" and record["data"]["num_classes"] == classes
     assert record["data"]["counts"]["train"] == {str(c): 1 for c in range(classes)}
     assert record["config"]["shots"] == 1 and record["config"]["batch_size"] == 4
+    assert record["config"]["mode"] == "real" and record["config"]["seeds"] == [0]
+    # Real mode's defaults: the SR-LoRA paper's few-shot settings, 3 seeds.
+    cfg = settings.resolve_settings(preset=preset, dataset="eurosat/rgb")
+    assert (cfg["shots"], cfg["epochs"], cfg["seeds"]) == (1, 20, (0, 1, 2))
+    assert "the SR-LoRA paper's few-shot defaults" in cfg["mode_line"]
     assert record["pretraining"] is None and record["config"]["preset"] == preset
     assert record["input"]["image_size"] == [QUICK["image_size"]] * 2  # from the preset
     assert record["input"]["scale"] == pytest.approx(1 / 127.5)  # its image converter

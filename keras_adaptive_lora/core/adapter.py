@@ -3,24 +3,14 @@
 An `AdapterLayer` wraps one built `keras.layers.Dense` or
 `keras.layers.EinsumDense`, freezes it, and adds a low-rank update of the
 kernel's *matrix view* (see `KernelView`). The forward pass is written once,
-here: `activation(base(x) + update(x))`. A method defines its update through
-hooks and never re-implements bias or activation:
-
-- `build_adapter()`: create the adapter's variables (`add_adapter_weight`).
-- `delta_kernel()`: the update as a `(d_in, d_out)` matrix, scaling
-  included (used by `merge`, diagnostics and the default `delta_output`).
-- `delta_output(x, training)`: the update of the output, when the method can
-  do better than forming the full matrix (factored LoRA products).
-- `adapter_losses()`: extra losses added at every call (FlexLoRA's
-  orthogonality penalty).
-- `merged_output(x, training)` with `forward_merged = True`: the projection
-  `x (W + ΔW)` (no bias) computed by the method itself, for methods whose
-  update is cheaper to apply merged (LR-LoRA); used on float bases, an int8
-  base always takes `base(x) + delta_output(x)`.
-- `rank()`, and `capacity()` when it differs (FlexLoRA's `max_rank`).
+here: `activation(base(x) + update(x))`; a method defines its update through
+hooks (`build_adapter`, `delta_kernel`, `delta_output`, `adapter_losses`,
+`merged_output`, `rank`, `capacity`; see docs/architecture.md) and never
+re-implements bias or activation.
 """
 
 import inspect
+import sys
 
 import keras
 import numpy as np
@@ -37,16 +27,64 @@ from keras_adaptive_lora.core.quantization import (
 PACKAGE = "keras_adaptive_lora"
 
 
-def _inside_keras_hub_preset_saver():
-    """True when called (indirectly) by keras-hub's preset saver
-    (`Backbone.save_to_preset`, `Task.save_to_preset`)."""
-    frame = inspect.currentframe()
+def check_wrappable(layer):
+    """Raise a `ValueError` naming the layer unless an adapter can wrap it: a
+    built `Dense`/`EinsumDense`, float or Keras int8, without an adapter or
+    Keras's built-in LoRA. Changes nothing; returns its `KernelView`."""
+    if isinstance(layer, AdapterLayer):
+        raise ValueError(
+            f"Layer '{layer.name}' is already wrapped by a "
+            f"{type(layer).__name__}; adapters cannot be stacked. Merge it "
+            "first (`layer.merge()` or `merge_adapters(model)`) if you want "
+            "to adapt the merged weights."
+        )
+    view = kernel_view(layer)  # raises for bad types and unbuilt layers
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has Keras's built-in LoRA enabled "
+            "(`enable_lora`); it cannot also be wrapped by an adapter. Use "
+            "a layer without built-in LoRA."
+        )
+    check_quantization(layer)  # float or Keras int8
+    return view
+
+
+def unmerged_save_error(adapter, written=False):
+    """The `ValueError` for `model.save` of a model holding `adapter`."""
+    return ValueError(
+        f"Layer '{adapter.path}' has an unmerged {type(adapter).__name__}; a "
+        "whole-model `.keras` file cannot hold adapters (the model's config "
+        "knows nothing of them, so a reload would silently rebuild plain "
+        "layers). Either merge first (`keras_adaptive_lora.merge_adapters"
+        "(model)`, then `model.save(...)`), or save the adapters alone with "
+        "`keras_adaptive_lora.save_adapters(model, path)` and re-apply them "
+        "with `load_adapters` on the base model. Weights-only checkpoints "
+        "(`model.save_weights`, `ModelCheckpoint(save_weights_only=True)`) "
+        "work with adapters in place."
+        + (" Keras had already opened the file: what it wrote is incomplete, delete it "
+           "(`model.save` on the model given to `apply_adapters` refuses before "
+           "touching the file)." if written else " Nothing was written.")
+    )
+
+_PRESET = ("save_to_preset", ("save_backbone", "save_task"), "keras_hub")
+_EXPORTER = "keras_hub.src.utils.transformers.export.hf_exporter"
+_TRANSFORMERS = ("export_to_transformers", ("export_backbone",), _EXPORTER)
+
+
+def refuse_inside_keras_hub(adapter, writer, functions, module):
+    """Raise a `ValueError` inside keras-hub's `functions` of `writer` (unaware of adapters)."""
+    frame = inspect.currentframe() if module in sys.modules else None
     while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if frame.f_code.co_name in ("save_backbone", "save_task") and module.startswith("keras_hub"):
-            return True
+        name = frame.f_code.co_name
+        if name in functions and frame.f_globals.get("__name__", "").startswith("keras_hub"):
+            raise ValueError(
+                f"Layer '{adapter.path}' has an unmerged {type(adapter).__name__}; keras-hub's "
+                f"`{writer}` cannot hold adapters. Either merge first (`keras_adaptive_lora."
+                f"merge_adapters(model)`, then `{writer}(...)`), or save the adapters alone "
+                "(`keras_adaptive_lora.save_adapters`; `save_peft_adapters` for PEFT, vLLM) "
+                "and `load_adapters` on `from_preset(base)`. Anything it wrote is incomplete."
+            )
         frame = frame.f_back
-    return False
 
 
 class AdapterLayer(keras.layers.Layer):
@@ -65,10 +103,8 @@ class AdapterLayer(keras.layers.Layer):
     `int8_from_float32`). Stable ranks and `merge` use the dequantized kernel
     (`dequantized_kernel`). Other quantization modes raise a `ValueError`.
 
-    Subclasses implement `build_adapter()` (create variables with
-    `add_weight`), `delta_kernel()` (the update as a `(d_in, d_out)` matrix,
-    scaling included) and may override `delta_output(x, training)` to compute
-    the update of the output without forming the full matrix.
+    Constructing one changes the wrapped layer (frozen, activation linear):
+    `apply_adapters` and `load_adapters` undo that when any target fails.
 
     Args:
         layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
@@ -90,21 +126,7 @@ class AdapterLayer(keras.layers.Layer):
             )
 
     def __init__(self, layer, *, activation=None, **kwargs):
-        if isinstance(layer, AdapterLayer):
-            raise ValueError(
-                f"Layer '{layer.name}' is already wrapped by a "
-                f"{type(layer).__name__}; adapters cannot be stacked. Merge it "
-                "first (`layer.merge()` or `merge_adapters(model)`) if you want "
-                "to adapt the merged weights."
-            )
-        view = kernel_view(layer)  # raises for bad types and unbuilt layers
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(
-                f"Layer '{layer.name}' has Keras's built-in LoRA enabled "
-                "(`enable_lora`); it cannot also be wrapped by an adapter. Use "
-                "a layer without built-in LoRA."
-            )
-        check_quantization(layer)  # float or Keras int8
+        view = check_wrappable(layer)
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", float_policy(layer))
         super().__init__(**kwargs)
@@ -118,6 +140,16 @@ class AdapterLayer(keras.layers.Layer):
         # Variables live under the wrapped layer's path: `<parent>/<name>/...`.
         self._parent_path = layer._parent_path
         self.build(layer.get_build_config()["input_shape"])
+
+    @property
+    def weights(self):  # keras-hub's `export_to_transformers` reads `weights[0]`...
+        refuse_inside_keras_hub(self, *_TRANSFORMERS)
+        return super().weights
+
+    @property
+    def kernel(self):  # ... or `kernel` (Llama): refused there; an adapter has none
+        refuse_inside_keras_hub(self, *_TRANSFORMERS)
+        raise AttributeError(f"'{type(self).__name__}' has no `kernel`; see `.wrapped.kernel`.")
 
     @property
     def trainable(self):
@@ -164,10 +196,8 @@ class AdapterLayer(keras.layers.Layer):
 
     # The update ---------------------------------------------------------------
     def delta_kernel(self):
-        """The update as a float32 `(d_in, d_out)` matrix, scaling included.
-
-        Subclasses define it.
-        """
+        """The update as a float32 `(d_in, d_out)` matrix, scaling included;
+        subclasses define it."""
 
     def delta_output(self, inputs, training=None):
         """The update of the output for `inputs` (before bias/activation).
@@ -292,25 +322,13 @@ class AdapterLayer(keras.layers.Layer):
     def save_assets(self, dir_path):
         """Refuse whole-model saving (`model.save("x.keras")`).
 
-        Keras calls `save_assets` only when it saves a whole model (config +
-        weights), never for weights-only files (`save_weights`,
-        `ModelCheckpoint(save_weights_only=True)`, `BackupAndRestore`), which
-        keep working. A `.keras` file would store a config without adapters
-        (keras-hub `Backbone.get_config` knows nothing of them), so a reload
-        would silently rebuild plain layers: raise instead.
+        Keras calls it only when it saves a whole model, never for weights
+        files (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`). A
+        `.keras` config knows nothing of adapters (keras-hub's neither), so a
+        reload would silently rebuild plain layers: raise (Keras opened the
+        file already; `apply_adapters` guards `model.save`, which refuses first).
         """
-        raise ValueError(
-            f"Layer '{self.path}' has an unmerged {type(self).__name__}; a "
-            "whole-model `.keras` file cannot hold adapters (the model's config "
-            "knows nothing of them, so a reload would silently rebuild plain "
-            "layers). Either merge first (`keras_adaptive_lora.merge_adapters"
-            "(model)`, then `model.save(...)`), or save the adapters alone with "
-            "`keras_adaptive_lora.save_adapters(model, path)` and re-apply them "
-            "with `load_adapters` on the base model. Weights-only checkpoints "
-            "(`model.save_weights`, `ModelCheckpoint(save_weights_only=True)`) "
-            "work with adapters in place. The file written so far is incomplete: "
-            "delete it."
-        )
+        raise unmerged_save_error(self, written=True)
 
     def _seed_states(self):
         """State variables of the adapter's own seed generators (SR-LoRA's SPU
@@ -332,18 +350,7 @@ class AdapterLayer(keras.layers.Layer):
         layer's own variables. Refuses to be saved into a keras-hub preset
         (`save_to_preset`), whose config cannot hold adapters.
         """
-        if _inside_keras_hub_preset_saver():
-            raise ValueError(
-                f"Layer '{self.path}' has an unmerged {type(self).__name__}; a "
-                "keras-hub preset (`save_to_preset`) cannot hold adapters (its "
-                "config.json knows nothing of them, so `from_preset` would build "
-                "plain layers that do not match the weights file). Either merge "
-                "first (`keras_adaptive_lora.merge_adapters(model)`, then "
-                "`save_to_preset(...)`), or save the adapters alone with "
-                "`keras_adaptive_lora.save_adapters(model, path)` and re-apply "
-                "them with `load_adapters` on `from_preset(base_preset)`. The "
-                "preset folder written so far is incomplete: delete it."
-            )
+        refuse_inside_keras_hub(self, *_PRESET)
         super().save_own_variables(store)
         offset = len(self._trainable_variables) + len(self._non_trainable_variables)
         for i, state in enumerate(self._seed_states()):
@@ -362,14 +369,10 @@ class AdapterLayer(keras.layers.Layer):
 
     # Introspection ----------------------------------------------------------------
     def rank(self):
-        """The number of rank components in use (for reports).
-
-        Subclasses define it.
-        """
+        """The number of rank components in use (for reports); subclasses define it."""
 
     def capacity(self):
-        """The most rank components the adapter can hold (its `rank()` unless
-        the rank moves in training, as FlexLoRA's)."""
+        """The most rank components it can hold (`rank()` unless it moves, as FlexLoRA's)."""
         return self.rank()
 
     def own_variables(self):
@@ -415,5 +418,3 @@ class AdapterLayer(keras.layers.Layer):
 
     def trainable_parameter_count(self):
         return int(sum(np.prod(v.shape) for v in self.trainable_weights))
-
-

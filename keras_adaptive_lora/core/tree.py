@@ -55,6 +55,24 @@ def find_adapters(model):
     return [layer for _, layer in walk(model) if isinstance(layer, AdapterLayer)]
 
 
+def check_finite(adapters, when):
+    """Raise a `ValueError` naming the first adapter variable of `adapters`
+    that holds NaN or inf (training diverged); `when` says where, e.g.
+    `"at step 12"`. One on-device reduction per float variable."""
+    for adapter in adapters:
+        for name, variable in adapter.own_variables():
+            if "float" in str(variable.dtype) and not bool(
+                keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(variable)))
+            ):
+                raise ValueError(
+                    f"Training diverged: adapter variable '{adapter.path}/{name}' "
+                    f"holds NaN or infinite values {when}. Lower the learning rate "
+                    "(or clip gradients), restart from the last good checkpoint, and "
+                    "add `keras.callbacks.TerminateOnNaN()` to stop at the first "
+                    "non-finite loss."
+                )
+
+
 def layer_path(layer):
     return layer.path or layer.name
 
@@ -75,8 +93,12 @@ def _replace_in_functional(function, old, new):
     """
     if not hasattr(function, "_nodes_by_depth"):
         return
-    # In place: reassigning these attributes would re-track them.
-    for ops in [function._operations, *getattr(function, "_operations_by_depth", {}).values()]:
+    # A new list, assigned through the trackers: under tensorflow
+    # `_operations` is a tracked `ListWrapper`, and one with a replaced
+    # element cannot be exported (SavedModel). The untracked per-depth lists
+    # are updated in place.
+    function._operations = [new if op is old else op for op in function._operations]
+    for ops in getattr(function, "_operations_by_depth", {}).values():
         for i, op in enumerate(ops):
             if op is old:
                 ops[i] = new
@@ -137,9 +159,9 @@ def swap_layer(parent, old, new):
             if tracked is not None:
                 tracked.unlock()
             try:
-                _replace_in_functional(functional, old, new)
                 if tracked is not None and tracked.is_in_store("layers", old):
                     tracked.replace_tracked_value("layers", old, new)
+                _replace_in_functional(functional, old, new)
             finally:
                 if tracked is not None:
                     tracked.lock()
@@ -147,6 +169,31 @@ def swap_layer(parent, old, new):
         if tracker is not None:
             tracker.lock()
     reset_compiled_functions(parent)
+
+
+def saved_state(model, layers):
+    """A function that restores what wrapping `layers` and swapping adapters
+    into `model` change besides the swaps themselves: the trainable flag of
+    every layer (the private `_trainable`, so no cascade) and variable of
+    `model`, and the activation of each of `layers`."""
+    every = [model, *(layer for _, layer in walk(model)), *layers]
+    flags = [(layer, layer._trainable) for layer in every]
+    variables = [(v, v.trainable) for v in model.variables]
+    variables += [(v, v.trainable) for layer in layers for v in layer.variables]
+    activations = [(layer, layer.activation) for layer in layers]
+
+    def restore():
+        for layer, activation in activations:
+            if layer.activation is not activation:
+                layer.activation = activation
+        for layer, trainable in flags:
+            if layer._trainable != trainable:
+                layer._trainable = trainable
+        for variable, trainable in variables:
+            if variable.trainable != trainable:
+                variable.trainable = trainable
+
+    return restore
 
 
 def reset_compiled_functions(model):

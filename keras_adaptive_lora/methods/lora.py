@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_adaptive_lora._validation import check_alpha, check_bool, check_dropout, check_positive_int
@@ -76,6 +77,16 @@ class LoRAAdapter(AdapterLayer):
 
     def rank(self):
         return self.lora_rank
+
+    def low_rank_factors(self, *, svd_rank=None):
+        """The update as `(a, b, error)`: numpy float32 factors `a (d_in, r)`,
+        `b (r, d_out)` with `a @ b == delta_kernel()` (the scaling folded into
+        `b`), and the relative error they leave (0.0: exact). What PEFT files
+        hold (`save_peft_adapters`); `svd_rank` is for updates that are not
+        low-rank, LoRA's is exact and ignores it."""
+        a = np.asarray(ops.convert_to_numpy(self.lora_a), "float32")
+        b = np.asarray(ops.convert_to_numpy(self.lora_b), "float32")
+        return a, b * np.float32(self.scale), 0.0
 
     def factor_roles(self):
         return {name: {"lora_a": "in", "lora_b": "out"}.get(name) for name, _ in self.own_variables()}

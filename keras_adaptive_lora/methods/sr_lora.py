@@ -209,6 +209,18 @@ class StableRankLoRAAdapter(LoRAAdapter):
 # --------------------------------------------------------------------------
 # The method spec
 # --------------------------------------------------------------------------
+def _layer_stable_rank(layer):
+    """`stable_rank(layer)`, its errors (a NaN or infinite kernel) naming the layer."""
+    try:
+        return stable_rank(layer)
+    except ValueError as error:
+        raise ValueError(
+            f"Layer '{layer.path}': {error} SR-LoRA sets each rank from the stable "
+            "rank of the pretrained kernel: check that the weights loaded intact, "
+            "or leave this layer out of `targets`. Nothing was changed."
+        ) from None
+
+
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StableRankLoRA(AdapterMethod):
@@ -278,7 +290,7 @@ class StableRankLoRA(AdapterMethod):
     def stable_ranks_and_ranks(self, layers):
         """`(stable_ranks, ranks)` for `layers`, all at once (the budget is global)."""
         views = [kernel_view(layer) for layer in layers]
-        sranks = [stable_rank(layer) for layer in layers]
+        sranks = [_layer_stable_rank(layer) for layer in layers]
         ranks = allocate_ranks(
             sranks,
             [(v.d_in, v.d_out) for v in views],

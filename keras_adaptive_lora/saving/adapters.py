@@ -22,6 +22,7 @@ from keras import ops
 from keras_adaptive_lora.core.adapter import AdapterLayer
 from keras_adaptive_lora.core.method import get_method, registered_methods
 from keras_adaptive_lora.core.tree import PROJECTION_TYPES, find_adapters, layer_sites
+from keras_adaptive_lora import methods as _methods  # noqa: F401  (registers the built-in methods)
 from keras_adaptive_lora.reports import build_report
 from keras_adaptive_lora.saving.adapter_file import (
     FORMAT,
@@ -31,7 +32,7 @@ from keras_adaptive_lora.saving.adapter_file import (
     read_adapter_file,
     write_adapter_file,
 )
-from keras_adaptive_lora.surgery import install_adapters
+from keras_adaptive_lora.surgery import all_or_nothing, install_adapters
 from keras_adaptive_lora.version import __version__
 
 
@@ -170,6 +171,22 @@ def _check_array(where, value, shape):
         )
 
 
+def _check_adapter_array(entry, item, value, shape):
+    """The file's array for an adapter variable against the variable its
+    rebuilt adapter has (built from the file's own config and the model's
+    kernel, which matched): a mismatch means the file contradicts itself."""
+    if _shape(value) == tuple(shape):
+        return
+    config = ", ".join(f"{k}={v!r}" for k, v in sorted(entry["adapter_config"].items()))
+    raise ValueError(
+        f"Layer '{entry['path']}', variable '{item['name']}': the file's array has "
+        f"shape {_shape(value)} but its recorded config ({config}; rank "
+        f"{entry.get('rank')!r}) builds shape {tuple(shape)}. The file contradicts "
+        "itself (edited or corrupted): save the adapters again; nothing was "
+        "changed."
+    )
+
+
 def _check_layer(entry, sites, model):
     path = entry["path"]
     if path not in sites:
@@ -271,11 +288,12 @@ def load_adapters(model, path):
         _check_array(f"Variable '{entry['path']}'", arrays[entry["key"]], variable.shape)
         train_also.append((variable, arrays[entry["key"]]))
     # 3. Build the adapters (off the model), check their variables. Building
-    # one freezes its layer and moves the activation: undone on any error.
-    touched, swaps = [], []
-    try:
+    # one freezes its layer and moves the activation; from here on any error
+    # undoes everything (`all_or_nothing`).
+    swaps = []
+    olds = [(variable, ops.copy(variable.value)) for variable, _ in train_also]
+    with all_or_nothing(model, [layer for _, layer, _ in checked]) as swapped:
         for entry, (parent, layer, cls) in zip(metadata["layers"], checked):
-            touched.append((layer, layer.activation, layer.trainable))
             try:
                 adapter = cls(layer, activation=layer.activation, **entry["adapter_config"])
             except (TypeError, ValueError) as error:
@@ -295,38 +313,43 @@ def load_adapters(model, path):
                     "changed."
                 )
             for item in entry["variables"]:
-                _check_array(
-                    f"Layer '{entry['path']}', variable '{item['name']}'",
-                    arrays[item["key"]],
-                    own[item["name"]].shape,
-                )
+                _check_adapter_array(entry, item, arrays[item["key"]], own[item["name"]].shape)
             swaps.append((parent, layer, adapter, entry))
-    except BaseException:
-        for layer, activation, trainable in touched:
-            layer.activation = activation
-            layer.trainable = trainable
-        raise
-    # 4. Assign (the adapters are not in the model yet), then swap in.
-    methods = metadata.get("methods", [])
-    for parent, layer, adapter, entry in swaps:
-        own = dict(adapter.own_variables())
-        for item in entry["variables"]:
-            variable = own[item["name"]]
-            variable.assign(ops.cast(arrays[item["key"]], variable.dtype))
-        index = entry.get("method_index")
-        if index is not None:
-            adapter.method_spec = json.dumps(methods[index], sort_keys=True)
-    for variable, value in train_also:
-        variable.assign(ops.cast(value, variable.dtype))
-    install_adapters(
-        model,
-        [(parent, layer, adapter) for parent, layer, adapter, _ in swaps],
-        keep_trainable=[variable for variable, _ in train_also],
-    )
-    for variable, _ in train_also:
-        variable.trainable = True
-    adapters = [adapter for _, _, adapter, _ in swaps]
-    return build_report(model, _method_for_report(methods), adapters)
+        # 4. Assign (the adapters are not in the model yet), then swap in.
+        methods = metadata.get("methods", [])
+        for parent, layer, adapter, entry in swaps:
+            own = dict(adapter.own_variables())
+            for item in entry["variables"]:
+                variable = own[item["name"]]
+                variable.assign(ops.cast(arrays[item["key"]], variable.dtype))
+            recorded = entry.get("rank")
+            if recorded is not None and recorded != adapter.rank():
+                raise ValueError(
+                    f"Layer '{entry['path']}': the file records rank {recorded!r} but "
+                    f"its arrays hold a rank-{adapter.rank()} {type(adapter).__name__}. "
+                    "The file contradicts itself (edited or corrupted): save the "
+                    "adapters again; nothing was changed."
+                )
+            index = entry.get("method_index")
+            if index is not None:
+                adapter.method_spec = json.dumps(methods[index], sort_keys=True)
+        try:
+            for variable, value in train_also:
+                variable.assign(ops.cast(value, variable.dtype))
+            install_adapters(
+                model,
+                [(parent, layer, adapter) for parent, layer, adapter, _ in swaps],
+                keep_trainable=[variable for variable, _ in train_also],
+                swapped=swapped,
+            )
+            for variable, _ in train_also:
+                variable.trainable = True
+            adapters = [adapter for _, _, adapter, _ in swaps]
+            return build_report(model, _method_for_report(methods), adapters)
+        except BaseException:
+            for variable, value in olds:
+                variable.assign(value)
+            raise
 
 
 def _method_class(spec):

@@ -2,6 +2,7 @@
 or a keras-hub preset, its image normalization, and the learning-rate
 schedule every training run of the job uses."""
 
+import json
 import math
 import os
 import time
@@ -11,12 +12,25 @@ import keras_hub
 import numpy as np
 
 from keras_adaptive_lora import data
+from keras_adaptive_lora.inspection import from_preset
 from keras_adaptive_lora.apps.transfer import synthetic
 from keras_adaptive_lora.apps.transfer.data import import_tf, normalized, to_float
-from keras_adaptive_lora.apps.transfer.options import EVAL_BATCH_SIZE, SOURCE_SEED
+from keras_adaptive_lora.apps.transfer.options import EVAL_BATCH_SIZE, PRETRAINING_FILE, SOURCE_SEED
 
 
-def pretrain_backbone(directory, *, settings, seed=SOURCE_SEED, verbose=1, log=print):
+def read_pretraining(preset):
+    """The record the offline pre-training wrote into preset folder
+    `preset` (`PRETRAINING_FILE`: the offline setting it used, its
+    architecture and source-task accuracy), or None for any other preset."""
+    path = os.path.join(str(preset), PRETRAINING_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def pretrain_backbone(directory, *, settings, setting="default", seed=SOURCE_SEED, verbose=1,
+                      callbacks=(), log=print):
     """Pre-train a small ViT on the generated source task; save it as a preset.
 
     Writes `ViTBackbone.save_to_preset(directory)` and a `ViTImageConverter`
@@ -28,8 +42,13 @@ def pretrain_backbone(directory, *, settings, seed=SOURCE_SEED, verbose=1, log=p
         directory: the preset folder to write.
         settings: a dict like `OFFLINE["default"]` (architecture, source task
             size, epochs, batch size, learning rate).
+        setting: the name of the offline setting (`"default"` or
+            `"quick"`), recorded in the preset folder (`PRETRAINING_FILE`) so
+            that `--preset directory` keeps it. Defaults to "default".
         seed: seed of the source images and of the init. Defaults to 0.
-        verbose: Keras `fit` verbosity. Defaults to 1.
+        verbose: 2 prints Keras's line per epoch; below, `fit` is silent.
+            Defaults to 1.
+        callbacks: extra Keras callbacks for `fit` (e.g. progress).
         log: where progress lines go. Defaults to `print`.
 
     Returns:
@@ -83,7 +102,10 @@ def pretrain_backbone(directory, *, settings, seed=SOURCE_SEED, verbose=1, log=p
 
     train = data.batched(pipeline(images, labels), batch, shuffle=True, seed=seed)
     del images
-    model.fit(train, epochs=settings["pretrain_epochs"], verbose=verbose, shuffle=False)
+    model.fit(
+        train, epochs=settings["pretrain_epochs"], verbose=2 if verbose >= 2 else 0,
+        shuffle=False, callbacks=list(callbacks),
+    )
     val = model.evaluate(
         data.batched(pipeline(val_images, val_labels), EVAL_BATCH_SIZE), verbose=0, return_dict=True
     )
@@ -91,13 +113,9 @@ def pretrain_backbone(directory, *, settings, seed=SOURCE_SEED, verbose=1, log=p
     backbone.save_to_preset(directory)
     keras_hub.models.ViTImageClassifierPreprocessor(image_converter=converter).save_to_preset(directory)
     seconds = time.perf_counter() - start
-    log(
-        f"pre-trained in {seconds:.1f}s: source-task validation accuracy "
-        f"{val['accuracy']:.3f}; saved as a keras-hub preset in {directory} (reuse it "
-        f"with --preset {directory})"
-    )
-    return {
+    record = {
         "preset": directory,
+        "setting": setting,
         "source_classes": list(names),
         "source_images": source_images,
         "steps": steps,
@@ -106,6 +124,14 @@ def pretrain_backbone(directory, *, settings, seed=SOURCE_SEED, verbose=1, log=p
         "architecture": {k: settings[k] for k in (
             "image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")},
     }
+    with open(os.path.join(directory, PRETRAINING_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    log(
+        f"pre-trained in {seconds:.1f}s: source-task validation accuracy "
+        f"{val['accuracy']:.3f}; saved as a keras-hub preset in {directory} (reuse it "
+        f"with --preset {directory}: the same offline settings)"
+    )
+    return record
 
 
 def normalization(converter):
@@ -117,9 +143,16 @@ def normalization(converter):
 
 
 def load_backbone(preset):
-    """`keras_hub.models.Backbone.from_preset(preset)`, checked to be a ViT."""
+    """`keras_hub.models.Backbone.from_preset(preset)`, checked to be a ViT.
+
+    A keras-hub preset or a Hugging Face transformers ViT (a
+    `save_pretrained` folder; a missing `hf` extra is an `ImportError` that
+    names it, see `inspection.from_preset`).
+    """
     try:
-        backbone = keras_hub.models.Backbone.from_preset(preset)
+        backbone = from_preset(preset)
+    except ImportError:
+        raise
     except Exception as error:  # a download, a missing folder, a bad config
         raise ValueError(
             f"Could not load the keras-hub preset {preset!r} ({type(error).__name__}: "
@@ -142,10 +175,12 @@ def load_normalization(preset, log=print):
     [-1, 1]`) when the preset has no image converter.
     """
     try:
-        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+        converter, missing = keras_hub.layers.ImageConverter.from_preset(preset), "None"
     except Exception as error:  # no preprocessor saved with the preset
+        converter, missing = None, type(error).__name__
+    if converter is None:  # a transformers folder without preprocessor_config.json: None
         log(
-            f"note: preset {preset!r} has no image converter ({type(error).__name__}); "
+            f"note: preset {preset!r} has no image converter ({missing}); "
             "using the keras-hub ViT normalization x / 127.5 - 1"
         )
         return np.float32(1.0 / 127.5), np.float32(-1.0)

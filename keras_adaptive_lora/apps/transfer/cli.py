@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from keras_adaptive_lora.apps.transfer.job import run_transfer
-from keras_adaptive_lora.apps.transfer.options import adapter_titles, all_methods
+from keras_adaptive_lora.apps.transfer.options import BUDGETS, adapter_titles, all_methods
 
 
 def add_arguments(parser):
@@ -17,14 +17,28 @@ def add_arguments(parser):
              "(default: every method, plus 'scratch' when the ViT is pre-trained in the run)")
     add("--shots", type=int, default=None,
         help="training examples per class (default: offline 10, --quick 2, real 1)")
-    add("--seed", type=int, default=0, help="few-shot sample, inits, shuffling (default 0)")
+    add("--seeds", default=None,
+        help="comma-separated seeds; each runs every method (the few-shot sample, the test "
+             "examples, the inits and the shuffling follow the seed), and the table gives "
+             "mean ± standard error (default: offline 0,1,2; --quick 0,1; real 0,1,2)")
+    add("--seed", type=int, default=None, help="a single seed (the same as --seeds N)")
+    add("--budget", choices=BUDGETS, default="same",
+        help="same: every adapter method on the same layers (--targets) with the same number "
+             "of adapter parameters within 5%% (each method's rank or budget chosen to match "
+             "the first method's at --rank); free: each method's own targets and defaults "
+             "(default: same)")
+    add("--targets", default=None,
+        help="comma-separated layer names to adapt, e.g. query,value (default: with --budget "
+             "same, the layers every method adapts by default, query,value on a ViT; with "
+             "--budget free, each method's own)")
     add("--epochs", type=int, default=None,
         help="epochs per method (default: offline 60, --quick 1, real 20)")
     add("--batch-size", type=int, default=None,
         help="training batch size (default 4, the SR-LoRA paper's)")
     add("--rank", type=int, default=8,
-        help="adapter rank of every method that takes one (the initial rank of a method "
-             "that moves ranks; methods that allocate their own ranks ignore it) (default 8)")
+        help="--budget free: the rank of every method that takes one (the initial rank of a "
+             "method that moves ranks); --budget same: the rank of the first adapter method, "
+             "whose parameter count the others match (default 8)")
     add("--alpha", type=float, default=None,
         help="adapter scaling numerator (s = alpha / r) for every adapter method (default: "
              "each method's own)")
@@ -33,8 +47,9 @@ def add_arguments(parser):
     add("--output-dir", default="transfer_output",
         help="results.json, transfer.png, the preset, the export (default ./transfer_output)")
     add("--preset", default=None,
-        help="keras-hub ViT preset name (e.g. vit_base_patch16_224_imagenet21k) or local "
-             "preset folder (default: pre-train a small ViT in the run, offline)")
+        help="keras-hub ViT preset name (e.g. vit_base_patch16_224_imagenet21k), local "
+             "preset folder, or Hugging Face ViT folder (save_pretrained; needs the hf "
+             "extra) (default: pre-train a small ViT in the run, offline)")
     add("--dataset", default=None,
         help="tfds image dataset, e.g. eurosat/rgb (default: the generated target task)")
     add("--data-dir", default=None, help="tfds data directory")
@@ -47,11 +62,14 @@ def add_arguments(parser):
     add("--image-size", type=int, default=None,
         help="offline: generated image side and ViT input (default 32; --quick 16)")
     add("--quick", "--smoke", dest="quick", action="store_true",
-        help="the smallest offline setting: a tiny ViT and a handful of steps (seconds)")
+        help="the smallest offline setting: a tiny ViT, 1 epoch per method, seeds 0,1 "
+             "(a check that everything runs, not a comparison)")
     add("--no-export", dest="export", action="store_false", help="do not export the best model")
     add("--no-plot", dest="plot", action="store_false", help="do not write transfer.png")
     add("--verbose", type=int, default=1, choices=(0, 1, 2),
-        help="fit output: 0 none, 1 progress bars, 2 a line per epoch (default 1)")
+        help="0: only the table and the files; 1: also one progress line per method; "
+             "2: also Keras's line per epoch, a line per seed and the methods' callbacks' "
+             "lines (default 1)")
     return parser
 
 
@@ -61,7 +79,8 @@ def run(args):
     options = {
         key: getattr(args, key)
         for key in (
-            "methods", "shots", "seed", "epochs", "batch_size", "rank", "alpha", "learning_rate",
+            "methods", "shots", "seeds", "seed", "budget", "targets", "epochs", "batch_size",
+            "rank", "alpha", "learning_rate",
             "weight_decay", "output_dir", "preset", "dataset", "data_dir", "image_size",
             "train_split", "test_split", "val_per_class", "test_size", "quick", "export",
             "plot", "verbose",

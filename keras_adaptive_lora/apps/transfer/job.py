@@ -1,284 +1,231 @@
-"""The transfer job: `run_transfer`, one run over the methods, stage by stage.
+"""The transfer job: `run_transfer`, one run over the methods and seeds.
 
-1. the input size (the preset's, or the offline setting), 2. the data (a
-tfds dataset or the generated target task, `data.py`), 3. the backbone
-(pre-trained in the run, or a preset: `backbone.py`), 4. each method
-(`train.adapt`), 5. the files: the plot and table (`report.py`), the export
-of the best method (`export.py`) and `results.json`.
+1. the mode and its defaults (offline: pre-train in the run, or reuse the
+   run's own pre-trained preset with the same settings; real: a keras-hub
+   preset and/or a tfds dataset), 2. the input size, 3. the backbone
+   (pre-trained once per run: `backbone.py`), 4. the matched budgets
+   (`budget.py`), 5. each method on each seed (`train.adapt`; the data of a
+   seed from `data.py`), summarized over the seeds (`stats.py`), 6. the
+   files: the table (`report.py`), the plot (`plot.py`), the export of the
+   best method (`export.py`) and `results.json`.
 """
 
 import gc
 import json
-import math
 import os
+import platform
 import time
 
 import keras
 import numpy as np
 
+from keras_adaptive_lora.apps.transfer import stats
 from keras_adaptive_lora.apps.transfer.backbone import (
     load_backbone,
     load_normalization,
     pretrain_backbone,
+    read_pretraining,
 )
-from keras_adaptive_lora.apps.transfer.data import (
-    Evaluation,
-    load_tfds_splits,
-    normalized,
-    synthetic_splits,
-)
+from keras_adaptive_lora.apps.transfer.budget import match_budgets
 from keras_adaptive_lora.apps.transfer.export import export_best
 from keras_adaptive_lora.apps.transfer.options import (
-    OFFLINE,
-    REAL,
     TARGET_DESCRIPTION,
+    is_adapter_method,
     parse_methods,
-    positive_float,
-    positive_int,
 )
-from keras_adaptive_lora.apps.transfer.report import (
-    TransferResult,
-    format_table,
-    save_plot,
-)
+from keras_adaptive_lora.apps.transfer.plot import save_plot
+from keras_adaptive_lora.apps.transfer.progress import EpochStatus, Status, clock
+from keras_adaptive_lora.apps.transfer.report import TransferResult, format_table
+from keras_adaptive_lora.apps.transfer.settings import resolve_settings
+from keras_adaptive_lora.apps.transfer.splits import SeedData
 from keras_adaptive_lora.apps.transfer.train import adapt
 
 
-def run_transfer(
-    *,
-    methods=None,
-    shots=None,
-    seed=0,
-    epochs=None,
-    batch_size=None,
-    rank=8,
-    alpha=None,
-    learning_rate=1e-3,
-    weight_decay=5e-2,
-    output_dir="transfer_output",
-    preset=None,
-    dataset=None,
-    data_dir=None,
-    image_size=None,
-    train_split="train",
-    test_split="test",
-    val_per_class=None,
-    test_size=None,
-    quick=False,
-    export=True,
-    plot=True,
-    verbose=1,
-    log=print,
-):
-    """Adapt a pretrained ViT to a few-shot task with each method; compare.
+def _processor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown processor"
 
-    See the package docstring (`keras_adaptive_lora.apps.transfer`) for
-    what it does and writes. Options left at
-    None take the defaults of the mode: offline (no `preset`: a small ViT
-    pre-trained in the run; `quick`: a tiny one and a handful of steps) or
-    real (`preset` and/or `dataset`: the SR-LoRA paper's few-shot settings).
 
-    Args:
-        methods: names from `options.all_methods()` (the baselines, the
-            registered adapter methods, `scratch`), a comma-separated string,
-            or "all". Defaults to None: the baselines and every registered
-            adapter method, plus `scratch` when the backbone is pre-trained
-            in the run.
-        shots: training examples per class. Defaults to None (offline 10,
-            quick 2, real 1).
-        seed: seed of the few-shot sample, the head init, the adapters and
-            the shuffling. Defaults to 0.
-        epochs: training epochs per method. Defaults to None (offline 60,
-            quick 1, real 20).
-        batch_size: training batch size. Defaults to None (offline 4, quick 4,
-            real 4).
-        rank: the rank of every adapter method that takes one (the initial
-            rank of a method that moves ranks; a method that allocates its
-            own ranks has no `rank` option and ignores it). Defaults to 8.
-        alpha: the scaling numerator `alpha` (`s = alpha / r`) of every
-            adapter method. Defaults to None: each method's own default.
-        learning_rate: peak AdamW learning rate. Defaults to 1e-3.
-        weight_decay: AdamW weight decay. Defaults to 5e-2.
-        output_dir: where results, plot, preset and export go. Defaults to
-            "transfer_output".
-        preset: a keras-hub ViT preset name or local preset folder. Defaults
-            to None (pre-train a small ViT in the run).
-        dataset: a tfds image classification dataset. Defaults to None (the
-            generated target task).
-        data_dir: the tfds data directory. Defaults to None (tfds's default).
-        image_size: offline: side of the generated images and the ViT input.
-            With a preset it must equal the preset's input size. Defaults to
-            None (offline 32, quick 16, preset: its own).
-        train_split: tfds split of the train / validation examples. Defaults
-            to "train".
-        test_split: tfds split of the test examples (equal to `train_split`:
-            the records not sampled). Defaults to "test".
-        val_per_class: validation examples per class. Defaults to None
-            (`shots`, as VTAB-1k few-shot).
-        test_size: at most this many test examples. Defaults to None (offline
-            600, quick 24, real: the whole test split).
-        quick: the smallest offline setting (tiny ViT, a few steps; seconds).
-            Defaults to False.
-        export: export the best model. Defaults to True.
-        plot: write the PNG plot (needs matplotlib). Defaults to True.
-        verbose: 0 quiet `fit`, 1 progress bars, 2 one line per epoch and
-            the methods' callbacks' lines (e.g. rank moves). Defaults to 1.
-        log: function receiving progress lines. Defaults to `print`.
+def machine():
+    """The machine the run measured its times on: system, processor, CPU
+    count and the load average (`os.getloadavg()`, 1/5/15 minutes)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "system": f"{platform.system()} {platform.machine()}",
+        "processor": _processor(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in load],
+    }
+
+
+def run_transfer(**kwargs):
+    """Adapt a pretrained ViT to a few-shot task with each method, over
+    several seeds; compare.
+
+    See the package docstring (`keras_adaptive_lora.apps.transfer`) for what
+    it does and writes, and `settings.resolve_settings` for the options
+    (all keyword-only, all optional): `methods`, `seeds` (or one `seed`),
+    `budget` ("same" or "free"), `targets`, `shots`, `epochs`,
+    `batch_size`, `rank`, `alpha`, `learning_rate`, `weight_decay`,
+    `output_dir`, `preset`, `dataset`, `data_dir`, `image_size`,
+    `train_split`, `test_split`, `val_per_class`, `test_size`, `quick`,
+    `export`, `plot`, `verbose` (0: only the table and the files, 1: one
+    line per method, 2: Keras's line per epoch and per seed), and `log` (a
+    function receiving the output lines; default `print`).
 
     Returns:
         A `TransferResult`.
     """
     started = time.perf_counter()
-    offline = preset is None
-    if quick and not offline:
-        raise ValueError(
-            "`quick` is the smallest offline setting (a tiny ViT pre-trained in the run); "
-            "it cannot be combined with `preset`. Drop one of them."
-        )
-    settings = OFFLINE["quick" if quick else "default"]
-    real = preset is not None or dataset is not None
-    defaults = REAL if real and not quick else settings
-    methods = parse_methods(methods, offline=offline)
-    shots = positive_int("shots", defaults["shots"] if shots is None else shots)
-    seed = positive_int("seed", seed, minimum=0)
-    epochs = positive_int("epochs", defaults["epochs"] if epochs is None else epochs)
-    batch_size = positive_int(
-        "batch_size", defaults["batch_size"] if batch_size is None else batch_size
+    log = kwargs.pop("log", print)
+    cfg = resolve_settings(**kwargs)
+    at_start = machine()
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    methods, seeds, verbose = cfg["methods"], cfg["seeds"], cfg["verbose"]
+    status = Status(log, live=None if verbose else False)
+    say = log if verbose else (lambda line: None)
+    say(
+        f"transfer: backend {keras.backend.backend()}, keras {keras.__version__}; "
+        f"{len(methods)} methods x {len(seeds)} seeds; output in {cfg['output_dir']}"
     )
-    rank = positive_int("rank", rank)
-    alpha = None if alpha is None else positive_float("alpha", alpha)
-    learning_rate = positive_float("learning_rate", learning_rate)
-    weight_decay = positive_float("weight_decay", weight_decay, allow_zero=True)
-    val_per_class = shots if val_per_class is None else positive_int("val_per_class", val_per_class)
-    if test_size is not None:
-        test_size = positive_int("test_size", test_size)
-    elif dataset is None:  # the generated task needs a size; a dataset has its split
-        test_size = settings["test_size"]
-    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
-        raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
-    if image_size is not None:
-        image_size = positive_int("image_size", image_size, minimum=16)
-    output_dir = os.path.abspath(str(output_dir))
-    os.makedirs(output_dir, exist_ok=True)
-    log(
-        f"transfer: backend {keras.backend.backend()}, keras {keras.__version__}, "
-        f"methods {', '.join(methods)}; output in {output_dir}"
-    )
+    say(cfg["mode_line"])
 
-    # 1. The input size, from the preset (or the offline setting).
-    settings = dict(settings)
-    if offline:
-        if image_size is not None:
-            if image_size % settings["patch_size"]:
-                raise ValueError(
-                    f"`image_size` {image_size} must be a multiple of the offline ViT's "
-                    f"patch size {settings['patch_size']} (e.g. "
-                    f"{settings['patch_size'] * max(2, image_size // settings['patch_size'])})."
-                )
-            settings["image_size"] = image_size
-        input_size = (settings["image_size"], settings["image_size"])
+    # 1. The input size: the offline setting's, or the preset's.
+    pretraining, preset = cfg["pretraining"], cfg["preset"]
+    if cfg["pretrain"]:
+        input_size = (cfg["settings"]["image_size"],) * 2
     else:
-        backbone = load_backbone(preset)
-        input_size = tuple(int(d) for d in backbone.image_shape[:2])
-        del backbone
-        if image_size is not None and (image_size, image_size) != input_size:
+        input_size = tuple(int(d) for d in load_backbone(preset).image_shape[:2])
+        if cfg["image_size"] is not None and (cfg["image_size"],) * 2 != input_size:
             raise ValueError(
-                f"`image_size` {image_size} does not match preset {preset!r}, whose ViT "
-                f"takes {input_size[0]}x{input_size[1]} images (its position embeddings "
-                "are fixed). Leave `image_size` out."
+                f"`image_size` {cfg['image_size']} does not match preset {preset!r}, whose ViT "
+                f"takes {input_size[0]}x{input_size[1]} images (its position embeddings are "
+                "fixed). Leave `image_size` out."
             )
 
-    # 2. The data: a tfds dataset or the generated target task.
-    if dataset is not None:
-        splits = load_tfds_splits(
-            dataset, shots=shots, seed=seed, val_per_class=val_per_class, test_size=test_size,
-            image_size=input_size, data_dir=data_dir, train_split=train_split,
-            test_split=test_split,
-        )
-    else:
-        splits = synthetic_splits(
-            shots=shots, seed=seed, val_per_class=val_per_class, test_size=test_size,
-            image_size=input_size[0],
-        )
+    # 2. The data of each seed (the first one now: a dataset that cannot be
+    # read fails before any pre-training).
+    data = SeedData(cfg, input_size)
+    first = data.get(seeds[0])
+    counts = {split: int(sum(c.values())) for split, c in first.splits.counts.items()}
+    task = cfg["dataset"] or f"generated target task ({TARGET_DESCRIPTION})"
 
-    # 3. The backbone: pre-trained in the run and saved as a preset, or a preset.
-    pretraining = None
-    if offline:
-        preset = os.path.join(output_dir, "pretrained_vit")
-        pretraining = pretrain_backbone(preset, settings=settings, verbose=verbose, log=log)
-    scale, offset = load_normalization(preset, log=log)
-    base_params = load_backbone(preset).count_params()
-
-    counts = {split: int(sum(c.values())) for split, c in splits.counts.items()}
-    task = dataset or f"generated target task ({TARGET_DESCRIPTION})"
-    log(
-        f"data: {task}, {splits.source}: {splits.num_classes} classes, {shots} shots; "
+    # 3. The backbone: pre-trained once in the run (offline), or a preset.
+    if cfg["pretrain"]:
+        preset = os.path.join(cfg["output_dir"], "pretrained_vit")
+        total = cfg["settings"]["pretrain_epochs"]
+        pretraining = pretrain_backbone(
+            preset, settings=cfg["settings"], setting=cfg["setting"], verbose=verbose,
+            callbacks=[EpochStatus(status, "pre-training", total=total)],
+            log=status.done if verbose else say,
+        )
+    backbone = load_backbone(preset)
+    base_params = backbone.count_params()
+    scale, offset = load_normalization(preset, log=say)
+    data.normalize(scale, offset)
+    say(
+        f"data: {task}, {first.splits.num_classes} classes, {cfg['shots']} shots; per seed "
         f"train {counts['train']}, val {counts['val']}, test {counts['test']} images"
     )
-    train = normalized(splits.train, scale, offset)
-    evaluation = Evaluation(
-        normalized(splits.val, scale, offset), normalized(splits.test, scale, offset), counts["val"]
-    )
-    steps_per_epoch = math.ceil(counts["train"] / batch_size)
 
-    # 4. Each method.
-    options = {
-        "seed": seed, "epochs": epochs, "rank": rank, "alpha": alpha, "learning_rate": learning_rate,
-        "weight_decay": weight_decay, "verbose": verbose, "count": len(methods),
-        "batch_size": batch_size,
-    }
-    rows, best, best_model, best_key, best_logits = [], None, None, None, None
-    for index, method in enumerate(methods, 1):
-        row, model, logits = adapt(
-            method,
-            preset=preset,
-            num_classes=splits.num_classes,
-            train=train,
-            evaluation=evaluation,
-            steps_per_epoch=steps_per_epoch,
-            options=dict(options, index=index),
-            log=log,
+    # 4. Matched budgets.
+    adapters = [m for m in methods if is_adapter_method(m)]
+    match = None
+    if cfg["budget"] == "same" and adapters:
+        match = match_budgets(
+            backbone, adapters, rank=cfg["rank"], targets=cfg["targets"],
+            base={"alpha": cfg["alpha"]},
         )
-        rows.append(row)
-        key = (row["val_accuracy"], -row["trainable_params"])
-        if best_key is None or key > best_key:
-            best, best_model, best_key, best_logits = method, model, key, logits
-        del model
-        gc.collect()
-    log("")
-    log(format_table(rows, best=best))
+        for line in match.lines():
+            say(line)
+    targets = match.targets if match is not None else cfg["targets"]
+    del backbone
 
-    # 5. Files.
-    config = {
-        "methods": list(methods), "shots": shots, "seed": seed, "epochs": epochs,
-        "batch_size": batch_size, "rank": rank, "alpha": alpha, "learning_rate": learning_rate,
-        "weight_decay": weight_decay, "preset": preset, "dataset": dataset,
-        "data_dir": data_dir, "train_split": train_split, "test_split": test_split,
-        "val_per_class": val_per_class, "test_size": test_size, "quick": bool(quick),
-        "offline": offline, "steps_per_epoch": steps_per_epoch,
-    }
+    # 5. Each method on each seed.
+    options = {k: cfg[k] for k in (
+        "epochs", "batch_size", "rank", "alpha", "learning_rate", "weight_decay", "verbose")}
+    runs, rows, best, timing = {}, [], None, {}
+    for index, method in enumerate(methods, 1):
+        prefix, method_start = f"[{index}/{len(methods)}] {method}", time.perf_counter()
+        runs[method], kept = [], None
+        for k, seed in enumerate(seeds):
+            seed_data = data.get(seed)
+            progress = EpochStatus(
+                status, f"{prefix}: seed {seed} ({k + 1}/{len(seeds)})",
+                total=len(seeds) * cfg["epochs"], done_before=k * cfg["epochs"], started=method_start,
+            )
+            row, model, logits = adapt(
+                method, preset=preset, num_classes=seed_data.splits.num_classes,
+                train=seed_data.train, evaluation=seed_data.evaluation,
+                steps_per_epoch=seed_data.steps_per_epoch, seed=seed, options=options,
+                size=match.options(method) if match is not None else None,
+                targets=targets if is_adapter_method(method) else None,
+                callbacks=[progress], log=say,
+            )
+            runs[method].append(row)
+            if kept is None or row["val_accuracy"] > kept[0]["val_accuracy"]:
+                kept = (row, model, logits, seed_data.evaluation.probe)
+            del model
+            gc.collect()
+        summary = stats.summarize(runs[method])
+        rows.append(summary)
+        timing[method] = time.perf_counter() - method_start
+        key = (summary["val_accuracy"], -summary["trainable_params"])
+        if best is None or key > best[0]:
+            best = (key, method, *kept)
+        del kept
+        gc.collect()
+        if verbose:
+            se = summary["test_accuracy_se"]
+            status.done(
+                f"{prefix} ({summary['title']}): test {summary['test_accuracy']:.3f}"
+                + ("" if se is None else f" ± {se:.3f}")
+                + f", val {summary['val_accuracy']:.3f}; {summary['trainable_params']:,} "
+                f"trainable params; {clock(timing[method])}"
+            )
+    top = stats.versus_best(rows, runs)
+    _, best_method, best_row, best_model, best_logits, best_probe = best
+    comparisons = stats.compare(runs)
+    log("")
+    log(format_table(rows, best=best_method, exported=cfg["export"]))
+    log("")
+
+    # 6. Files.
+    config = cfg["record"]
     result = {
-        "rows": rows, "best": best, "best_model": best_model, "config": config,
-        "output_dir": output_dir,
+        "rows": rows, "runs": runs, "best": best_method, "best_seed": best_row["seed"],
+        "best_model": best_model, "config": config, "output_dir": cfg["output_dir"],
+        "budget": match.record() if match is not None else None, "comparisons": comparisons,
     }
-    if plot:
+    if cfg["plot"]:
         result["plot_path"] = save_plot(
-            rows,
-            os.path.join(output_dir, "transfer.png"),
-            title=f"{task}: {shots}-shot, seed {seed}, {epochs} epochs ({keras.backend.backend()})",
+            rows, os.path.join(cfg["output_dir"], "transfer.png"), best=best_method,
+            exported=cfg["export"],
+            title=f"{task}: {cfg['shots']}-shot, {len(seeds)} seed{'s' * (len(seeds) > 1)}, "
+                  f"{cfg['epochs']} epochs, budget {cfg['budget']} ({keras.backend.backend()})",
         )
         log(f"plot: {result['plot_path']}")
-    if export:
+    if cfg["export"]:
         merged, saved, probe_path, error = export_best(
-            best_model, output_dir, evaluation.probe, best_logits, log=log
+            best_model, cfg["output_dir"], best_probe, best_logits, log=log,
+            note=f"{best_method}, seed {best_row['seed']}",
         )
         result.update(
             merged_path=merged, saved_model_path=saved, probe_path=probe_path, export_error=error
         )
+    seconds = time.perf_counter() - started
+    at_end = machine()
     record = {
         "config": config,
         "backend": keras.backend.backend(),
         "keras_version": keras.__version__,
+        "machine": dict(at_start, load_average_at_end=at_end["load_average"]),
         "input": {
             "image_size": list(input_size),
             "scale": np.asarray(scale).tolist(),
@@ -288,24 +235,32 @@ def run_transfer(
         },
         "backbone_params": int(base_params),
         "pretraining": pretraining,
-        "data": {
-            "task": task,
-            "source": splits.source,
-            "num_classes": splits.num_classes,
-            "class_names": list(splits.class_names),
-            "counts": {split: {str(k): v for k, v in c.items()} for split, c in splits.counts.items()},
-        },
+        "data": data.record(task),
+        "budget": result["budget"] or {"mode": cfg["budget"], "targets": targets},
         "methods": rows,
-        "best": best,
+        "runs": [row for method in methods for row in runs[method]],
+        "comparisons": comparisons,
+        "best": best_method,
+        "best_seed": best_row["seed"],
+        "best_test_method": top,
         "files": {
             key: result.get(key)
             for key in ("plot_path", "merged_path", "saved_model_path", "probe_path")
         },
         "export_error": result.get("export_error"),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "timing": {"pretraining": (pretraining or {}).get("seconds") if cfg["pretrain"] else 0.0,
+                   "methods": timing},
     }
-    result["results_path"] = os.path.join(output_dir, "results.json")
+    result["results_path"] = os.path.join(cfg["output_dir"], "results.json")
+    result["seconds"] = seconds
     with open(result["results_path"], "w") as f:
         json.dump(record, f, indent=2)
-    log(f"results: {result['results_path']} ({record['seconds']:.0f}s in all)")
+    log(f"results: {result['results_path']}")
+    log(
+        f"done in {clock(seconds)} on {at_start['system']}, {at_start['processor']} "
+        f"({at_start['cpus']} CPUs; load "
+        f"average {at_start['load_average'][0]:.2f} at the start, "
+        f"{at_end['load_average'][0]:.2f} at the end)"
+    )
     return TransferResult(**result)

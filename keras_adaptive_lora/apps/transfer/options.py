@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from keras_adaptive_lora import methods as _methods  # noqa: F401  (registers the built-in methods)
 from keras_adaptive_lora.core.method import get_method, method_names
 
 # The job's own methods (not adapters), with their display names.
@@ -51,8 +52,11 @@ OFFLINE = {
         "patch_size": 8,
         "num_layers": 1,
         "num_heads": 2,
-        "hidden_dim": 16,
-        "mlp_dim": 32,
+        # Hidden 64 (as the default), not smaller: a matched budget needs
+        # ranks of about 8 for the methods' parameter counts to land within
+        # 5% of each other (their granularity is one rank of every layer).
+        "hidden_dim": 64,
+        "mlp_dim": 128,
         "source_images": 64,
         "source_val_images": 16,
         "pretrain_epochs": 1,
@@ -66,6 +70,14 @@ OFFLINE = {
 }
 # Real mode (a preset and/or a tfds dataset): the SR-LoRA paper's settings.
 REAL = {"shots": 1, "epochs": 20, "batch_size": 4}
+# Seeds run by default: a few, for a mean and a standard error.
+DEFAULT_SEEDS = {"default": (0, 1, 2), "quick": (0, 1), "real": (0, 1, 2)}
+# `--budget`: `same` (every adapter method on the same layers with the same
+# adapter-parameter count, see `budget.py`) or `free` (each method's defaults).
+BUDGETS = ("same", "free")
+# Written into the preset folder of the offline pre-training: a later
+# `--preset` of that folder keeps the offline settings it was made with.
+PRETRAINING_FILE = "transfer_pretraining.json"
 TARGET_DESCRIPTION = "shapes in a stain-like imaging domain"
 SOURCE_SEED = 0  # the generated data are fixed, like a real dataset;
 TARGET_SEED = 1  # `seed` chooses the few-shot sample and the inits.
@@ -163,3 +175,45 @@ def positive_float(name, value, allow_zero=False):
             f"`{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}."
         )
     return value
+
+
+def parse_seeds(seeds):
+    """Seeds as a tuple of distinct integers >= 0, from an int, a
+    comma-separated string (`"0,1,2"`) or a list."""
+    if isinstance(seeds, str):
+        try:
+            seeds = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(
+                f"`seeds` must be comma-separated integers such as 0,1,2, got {seeds!r}."
+            ) from None
+    elif isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    out = []
+    for seed in seeds:
+        seed = positive_int("seeds", seed, minimum=0)
+        if seed not in out:
+            out.append(seed)
+    if not out:
+        raise ValueError("`seeds` is empty; give at least one seed, e.g. 0,1,2.")
+    return tuple(out)
+
+
+def parse_targets(targets):
+    """None, or a list of layer names / path patterns from a comma-separated
+    string or a list."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"`targets` must be layer names such as query,value; got {targets!r}.")
+    return targets
+
+
+def check_budget(budget):
+    """`budget` checked to be one of `BUDGETS`."""
+    if budget not in BUDGETS:
+        raise ValueError(f"`budget` must be one of {', '.join(BUDGETS)}, got {budget!r}.")
+    return budget

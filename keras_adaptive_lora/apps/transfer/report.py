@@ -1,42 +1,49 @@
-"""What the transfer job reports: `TransferResult`, the results table, and
-the plot (accuracy vs trainable parameters, and the per-layer rank map of
-each adapter method whose ranks differ across layers)."""
-
-import re
-
-import numpy as np
-
-from keras_adaptive_lora.apps.transfer.options import ROLE_ORDER, is_adapter_method
-from keras_adaptive_lora.core.method import get_method
+"""What the transfer job reports: `TransferResult` and the results table
+(the plot is in `plot.py`)."""
 
 
 class TransferResult:
     """What `run_transfer` did.
 
     Attributes:
-        rows: one dict per method, in table order: `method`, `title`,
-            `test_accuracy`, `val_accuracy`, `train_accuracy`,
-            `trainable_params`, `total_params`, `ms_per_step`, `steps`,
-            `train_seconds`, `ranks` (`{layer path: rank}` of the adapters,
-            empty for `linear`/`full`/`scratch`), and extras that follow the
-            method's declared traits: `capacity` (`{layer path: most
-            components}`) for a method with `per_layer_ranks`, and its
-            `initial_rank` when it takes a rank; `schedule` (its callbacks'
-            settings) when it trains with callbacks; `update_stable_ranks`
-            for a method with a `learned_rank`.
-        best: the method with the best validation accuracy (exported).
-        best_model: that method's trained model (adapters unmerged).
+        rows: one summary dict per method, in table order: `method`,
+            `title`, `seeds`, `test_accuracy`, `val_accuracy`,
+            `train_accuracy`, `ms_per_step` (means over the seeds) each with
+            its standard error `<field>_se` (None for one seed),
+            `trainable_params`, `total_params`, `steps`, `train_seconds`
+            (all seeds), `vs_best` (the paired comparison with the method of
+            the best mean test accuracy: `diff`, `se`, `exceeds_2se`; None
+            for that method), and for adapter methods `size` (the size
+            options it ran with), `targets`, `ranks` (`{layer path: rank}`
+            after training, averaged over seeds), `initial_ranks`, and what
+            the method's traits add: `capacity` (`per_layer_ranks`),
+            `schedule` (its callbacks' settings), `update_stable_ranks`
+            (`learned_rank`).
+        runs: `{method: [one row per seed]}`, the per-seed figures (each
+            row as above without the `_se` fields, plus `seed`).
+        best: the method with the best mean validation accuracy (exported).
+        best_seed: the seed of the exported model (that method's best
+            validation accuracy).
+        best_model: that model (adapters unmerged).
+        budget: the matched budgets (`budget.BudgetMatch.record()`), or None
+            with `budget="free"`.
+        comparisons: paired comparisons of every pair of methods.
         config: the resolved options.
         output_dir: where the files are.
         results_path, plot_path, merged_path, saved_model_path, probe_path:
             the files written (None when not written).
         export_error: why the SavedModel export failed, or None.
+        seconds: the run's wall time.
     """
 
     def __init__(self, **fields):
         self.rows = fields.pop("rows")
+        self.runs = fields.pop("runs", {})
         self.best = fields.pop("best")
+        self.best_seed = fields.pop("best_seed", None)
         self.best_model = fields.pop("best_model")
+        self.budget = fields.pop("budget", None)
+        self.comparisons = fields.pop("comparisons", [])
         self.config = fields.pop("config")
         self.output_dir = fields.pop("output_dir")
         self.results_path = fields.pop("results_path", None)
@@ -45,10 +52,11 @@ class TransferResult:
         self.saved_model_path = fields.pop("saved_model_path", None)
         self.probe_path = fields.pop("probe_path", None)
         self.export_error = fields.pop("export_error", None)
+        self.seconds = fields.pop("seconds", None)
         self.extra = fields
 
     def row(self, method):
-        """The row of `method`."""
+        """The summary row of `method`."""
         for row in self.rows:
             if row["method"] == method:
                 return row
@@ -56,23 +64,41 @@ class TransferResult:
 
     def table(self):
         """The results table as text."""
-        return format_table(self.rows, best=self.best)
+        return format_table(
+            self.rows, best=self.best, exported=bool(self.config.get("export", True))
+        )
 
     def __repr__(self):
         return self.table()
 
 
-def format_table(rows, *, best=None):
-    """A text table: method, test / validation accuracy, trainable
-    parameters (and their share of the model), ms per training step."""
-    headers = ("method", "test acc", "val acc", "trainable params", "% of model", "ms/step")
+def _with_se(mean, se, digits=3):
+    return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def _versus(row):
+    vs = row.get("vs_best")
+    if vs is None:
+        return "best"
+    text = f"{vs['diff']:+.3f}" if vs["se"] is None else f"{vs['diff']:+.3f} ± {vs['se']:.3f}"
+    return text + (" †" if vs["exceeds_2se"] else "  ")
+
+
+def format_table(rows, *, best=None, exported=True):
+    """A text table, one line per method: test accuracy (mean ± standard
+    error over the seeds), the paired difference from the method with the
+    best mean test accuracy (marked † beyond two standard errors),
+    validation accuracy, trainable parameters (and their share of the
+    model), ms per training step; then what the marks mean."""
+    headers = ("method", "test acc", "vs best", "val acc", "trainable params", "% of model", "ms/step")
     cells = []
     for r in rows:
         mark = " *" if r["method"] == best else ""
         cells.append(
             (
                 f"{r['method']}{mark}",
-                f"{r['test_accuracy']:.3f}",
+                _with_se(r["test_accuracy"], r.get("test_accuracy_se")),
+                _versus(r) if "vs_best" in r else "",
                 f"{r['val_accuracy']:.3f}",
                 f"{r['trainable_params']:,}",
                 f"{100.0 * r['trainable_params'] / max(r['total_params'], 1):.2f}",
@@ -83,95 +109,21 @@ def format_table(rows, *, best=None):
 
     def line(values):
         return "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
-        )
+            v.ljust(w) if i in (0, 2) else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
+        ).rstrip()
 
     rule = line(["-" * w for w in widths])
     out = [line(headers), rule, *(line(c) for c in cells), rule]
-    if best is not None:
-        out.append("* best validation accuracy (exported)")
-    return "\n".join(out)
-
-
-def _role(path):
-    return path.rsplit("/", 1)[-1]
-
-
-def _block(path):
-    match = re.search(r"transformer_block_(\d+)", path)
-    return int(match.group(1)) if match else path.rsplit("/", 1)[0]
-
-
-def has_rank_map(method):
-    """Whether the plot shows `method`'s per-layer ranks: an adapter method
-    whose ranks differ across layers (`per_layer_ranks`)."""
-    return is_adapter_method(method) and bool(get_method(method).per_layer_ranks)
-
-
-def rank_grid(ranks):
-    """`(blocks, roles, matrix)` of a `{layer path: rank}` dict: one row per
-    transformer block, one column per projection name (NaN: not adapted)."""
-    blocks, roles = [], []
-    for path in ranks:
-        block, role = _block(path), _role(path)
-        if block not in blocks:
-            blocks.append(block)
-        if role not in roles:
-            roles.append(role)
-    roles.sort(key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER), r))
-    matrix = np.full((len(blocks), len(roles)), np.nan)
-    for path, rank in ranks.items():
-        matrix[blocks.index(_block(path)), roles.index(_role(path))] = rank
-    return blocks, roles, matrix
-
-
-def save_plot(rows, path, *, title=""):
-    """Accuracy vs trainable parameters per method, and the per-layer rank
-    heatmap of each adapter method with `per_layer_ranks` that ran, in one
-    PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(
-            "The transfer plot needs matplotlib: pip install 'keras-adaptive-lora[plot]' "
-            "(or pass --no-plot)."
-        ) from None
-    heat = [r for r in rows if r["ranks"] and has_rank_map(r["method"])]
-    fig, axes = plt.subplots(
-        1, 1 + len(heat), figsize=(6 + 4.2 * len(heat), 4.6), squeeze=False
-    )
-    ax = axes[0, 0]
-    for r in rows:
-        ax.scatter(r["trainable_params"], r["test_accuracy"], s=40)
-        ax.annotate(
-            r["title"], (r["trainable_params"], r["test_accuracy"]),
-            textcoords="offset points", xytext=(5, 4), fontsize=8,
+    seeds = rows[0].get("seeds", []) if rows else []
+    if len(seeds) > 1:
+        top = next((r["method"] for r in rows if r.get("vs_best", 0) is None), None)
+        out.append(
+            f"test acc: mean ± standard error over {len(seeds)} seeds "
+            f"({', '.join(str(s) for s in seeds)}); vs best: paired difference from {top} "
+            "(best mean test accuracy) ± its standard error; † beyond 2 standard errors"
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("test accuracy vs trainable parameters", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    for ax, r in zip(axes[0, 1:], heat):
-        blocks, roles, matrix = rank_grid(r["ranks"])
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", aspect="auto")
-        for (i, j), value in np.ndenumerate(matrix):
-            if np.isfinite(value):
-                ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=7, color="w")
-        ax.set_xticks(range(len(roles)), roles, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks], fontsize=7)
-        # Ranks moved by the method's callbacks, or set when it was applied.
-        note = " (after training)" if r.get("schedule") else " (as allocated)"
-        ax.set_title(f"{r['title']} rank per layer{note}", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
+    elif seeds:
+        out.append(f"one seed ({seeds[0]}): no standard errors (run several, e.g. --seeds 0,1,2)")
+    if best is not None:
+        out.append("* best mean validation accuracy" + (" (exported)" if exported else ""))
+    return "\n".join(out)

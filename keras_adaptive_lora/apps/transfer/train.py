@@ -29,18 +29,19 @@ from keras_adaptive_lora.inspection import update_stable_ranks
 from keras_adaptive_lora.surgery import apply_adapters
 
 
-def method_spec(method, *, rank, seed, alpha=None):
+def method_spec(method, *, rank, seed, alpha=None, size=None):
     """The adapter method spec of a registered adapter method name (None for
     the job's own `linear`, `full` and `scratch`).
 
     Built from the generic options with `from_options(strict=False)`: a
-    method takes the options it has (`rank`, `seed`, `alpha`) and drops the
-    others; None (`alpha=None`) leaves the method's own default. Each method
-    uses its own default targets.
+    method takes the options it has (`rank`, `seed`, `alpha`, and the size
+    options of a matched budget in `size`, e.g. `{"budget": 6144}`) and
+    drops the others; None (`alpha=None`) leaves the method's own default.
     """
     if not is_adapter_method(method):
         return None
-    return get_method(method).from_options(strict=False, rank=rank, seed=seed, alpha=alpha)
+    options = {"rank": rank, "seed": seed, "alpha": alpha, **(size or {})}
+    return get_method(method).from_options(strict=False, **options)
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -85,8 +86,9 @@ def callback_schedule(callbacks):
     return schedule or None
 
 
-def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, options, log=print):
-    """Adapt the preset's backbone with one method and evaluate it.
+def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, seed, options,
+          size=None, targets=None, callbacks=(), log=print):
+    """Adapt the preset's backbone with one method on one seed; evaluate it.
 
     Args:
         method: a name from `options.all_methods()`.
@@ -94,19 +96,23 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, op
         num_classes: classes of the task.
         train: the unbatched training dataset (normalized). Each method
             batches and shuffles it afresh, so that every method sees the
-            same sequence of shuffled batches.
+            same sequence of shuffled batches for a seed.
         evaluation: an `Evaluation` (validation and test examples).
         steps_per_epoch: training steps per epoch.
-        options: dict with `seed`, `epochs`, `batch_size`, `rank`, `alpha`,
-            `learning_rate`, `weight_decay`, `verbose`, `index`, `count`.
+        seed: the seed of the head and adapter inits and of the shuffling.
+        options: dict with `epochs`, `batch_size`, `rank`, `alpha`,
+            `learning_rate`, `weight_decay`, `verbose`.
+        size: the method's size options (matched budgets), or None.
+        targets: the layers to adapt, or None (the method's defaults).
+        callbacks: extra Keras callbacks (e.g. progress).
         log: function receiving progress lines. Defaults to `print`.
 
     Returns:
-        `(row, model, probe_logits)`: the table row (see
-        `TransferResult.rows`), the trained model, and its logits for the
+        `(row, model, probe_logits)`: the per-seed row (see
+        `TransferResult.runs`), the trained model, and its logits for the
         first `PROBE_SIZE` test examples (`evaluation.probe`).
     """
-    seed, epochs = options["seed"], options["epochs"]
+    epochs, verbose = options["epochs"], options["verbose"]
     keras.utils.set_random_seed(seed)  # the same head init for every method
     backbone = load_backbone(preset)
     if method == "scratch":
@@ -115,18 +121,21 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, op
         backbone=backbone, num_classes=num_classes, activation=None
     )
     total_steps = epochs * steps_per_epoch
-    callbacks, row = [], {"method": method, "title": title(method), "ranks": {}}
-    spec = method_spec(method, rank=options["rank"], seed=seed, alpha=options["alpha"])
+    method_callbacks, row = [], {"method": method, "title": title(method), "seed": seed, "ranks": {}}
+    spec = method_spec(method, rank=options["rank"], seed=seed, alpha=options["alpha"], size=size)
     if method == "linear":
         backbone.trainable = False
     elif spec is not None:
-        apply_adapters(model, spec, train_also=[HEAD])
-        if spec.per_layer_ranks and "rank" in spec.option_names():
-            row["initial_rank"] = options["rank"]  # the ranks it starts from, then moves
-        callbacks = list(spec.callbacks(total_steps, verbose=2 if options["verbose"] >= 2 else 0))
-        if not callbacks and type(spec).callbacks is not AdapterMethod.callbacks:
+        apply_adapters(model, spec, targets=targets, train_also=[HEAD])
+        adapters = find_adapters(model)
+        row["size"] = dict(size or {})
+        row["targets"] = sorted({a.path.rsplit("/", 1)[-1] for a in adapters})
+        row["adapter_params"] = sum(count_params(a.trainable_weights) for a in adapters)
+        row["initial_ranks"] = {a.path: int(a.rank()) for a in adapters}
+        method_callbacks = list(spec.callbacks(total_steps, verbose=2 if verbose >= 2 else 0))
+        if not method_callbacks and type(spec).callbacks is not AdapterMethod.callbacks:
             log(f"  note: {total_steps} training step(s) leave no room for {row['title']}'s callbacks")
-        schedule = callback_schedule(callbacks)
+        schedule = callback_schedule(method_callbacks)
         if schedule is not None:
             row["schedule"] = schedule
     model.compile(
@@ -139,19 +148,14 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, op
     )
     row["trainable_params"] = count_params(model.trainable_weights)
     row["total_params"] = count_params(model.weights)
-    log(
-        f"[{options['index']}/{options['count']}] {method} ({row['title']}): "
-        f"{row['trainable_params']:,} trainable of {row['total_params']:,} params, "
-        f"{total_steps} steps"
-    )
     batches = data.batched(train, options["batch_size"], shuffle=True, seed=seed)
     timer = StepTimer()
     start = time.perf_counter()
     history = model.fit(
         batches,
         epochs=epochs,
-        callbacks=[timer, *callbacks],
-        verbose=options["verbose"],
+        callbacks=[timer, *method_callbacks, *callbacks],
+        verbose=2 if verbose >= 2 else 0,
         shuffle=False,  # `batches` is shuffled by tf.data, anew each epoch
     )
     row["train_seconds"] = time.perf_counter() - start
@@ -170,9 +174,10 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, op
         row["update_stable_ranks"] = update_stable_ranks(model)
     if spec is not None and spec.per_layer_ranks:
         row["capacity"] = {a.path: int(a.capacity()) for a in adapters}
-    log(
-        f"      {method}: test accuracy {row['test_accuracy']:.3f}, validation "
-        f"{row['val_accuracy']:.3f}, train {row['train_accuracy']:.3f} in "
-        f"{row['train_seconds']:.1f}s ({row['ms_per_step']:.1f} ms/step)"
-    )
+    if verbose >= 2:
+        log(
+            f"      {method}, seed {seed}: test accuracy {row['test_accuracy']:.3f}, validation "
+            f"{row['val_accuracy']:.3f}, train {row['train_accuracy']:.3f} in "
+            f"{row['train_seconds']:.1f}s ({row['ms_per_step']:.1f} ms/step)"
+        )
     return row, model, probe_logits

@@ -39,14 +39,25 @@ def _check_max_rank(layer, rank, max_rank):
     return max_rank
 
 
+def _check_active_rank(layer, active_rank, max_rank):
+    active_rank = check_positive_int("active_rank", active_rank)
+    if active_rank > max_rank:
+        raise ValueError(
+            f"Layer '{layer.name}': active_rank={active_rank} is larger than the "
+            f"capacity max_rank={max_rank}; the capacity must hold the initially "
+            "active components."
+        )
+    return active_rank
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class FlexLoRAAdapter(AdapterLayer):
     """A frozen projection plus `s · A diag(λ ⊙ m) B` with a movable rank.
 
     Variables (float32): `flex_a` `(d_in, R)` and `flex_b` `(R, d_out)` drawn
     from `N(0, 0.02²)`, `flex_lambda` `(R,)` zeros (so the output is unchanged
-    at the start), and non-trainable: `flex_mask` `(R,)` (the first `rank`
-    entries 1), `flex_expansions` (a counter that seeds the noise of expanded
+    at the start), and non-trainable: `flex_mask` `(R,)` (the first
+    `active_rank` entries 1), `flex_expansions` (a counter that seeds the noise of expanded
     slots) and `flex_step` (the last step the scheduler processed). All rank
     state is in variables, so a weights checkpoint restores it.
 
@@ -57,24 +68,35 @@ class FlexLoRAAdapter(AdapterLayer):
 
     Args:
         layer: the built `Dense`/`EinsumDense` to wrap.
-        rank: components active at the start, `r_initial`.
+        rank: the nominal rank `r_initial`: the components active at the
+            start unless `active_rank` says otherwise, the default capacity
+            and the scaling.
         max_rank: the capacity `R`. Defaults to `2 * rank` capped at
             `min(d_in, d_out)`.
         alpha: scaling numerator, `s = alpha / rank` (constant for the whole
-            run, whatever the active rank later is). Defaults to `rank`.
+            run, whatever the active rank later is, and the same with
+            `active_rank`). Defaults to `rank`.
         orth_reg_weight: weight of the orthogonality penalty. Defaults to 0.1
             (the reference scripts' value); 0 switches it off.
         seed: seed of the noise drawn for expanded slots. Defaults to a seed
             drawn from Python's `random` (seeded by
             `keras.utils.set_random_seed`); stored in the config.
+        active_rank: the components active at the start, in `[1, max_rank]`
+            (`FlexLoRA(init_ranks="stable_rank")` sets one per layer).
+            Defaults to `rank`.
     """
 
     def __init__(
-        self, layer, *, rank, max_rank=None, alpha=None, orth_reg_weight=0.1, seed=None, **kwargs
+        self, layer, *, rank, max_rank=None, alpha=None, orth_reg_weight=0.1, seed=None,
+        active_rank=None, **kwargs
     ):
         self.initial_rank = check_positive_int("rank", rank)
         check_rank(layer, self.initial_rank)
         self.max_rank = _check_max_rank(layer, self.initial_rank, max_rank)
+        self.active_rank = (
+            self.initial_rank if active_rank is None
+            else _check_active_rank(layer, active_rank, self.max_rank)
+        )
         self.alpha = check_alpha(alpha) if alpha is not None else float(rank)
         self.orth_reg_weight = check_number("orth_reg_weight", orth_reg_weight, minimum=0)
         seed = check_seed(seed)
@@ -101,7 +123,7 @@ class FlexLoRAAdapter(AdapterLayer):
             "flex_b", (self.max_rank, self.d_out), init, autocast=False
         )
         mask = np.zeros((self.max_rank,), "float32")
-        mask[: self.initial_rank] = 1.0
+        mask[: self.active_rank] = 1.0
         self.flex_mask = self.add_adapter_weight(
             "flex_mask",
             (self.max_rank,),
@@ -146,6 +168,14 @@ class FlexLoRAAdapter(AdapterLayer):
         gram_b = ops.subtract(ops.matmul(b, ops.transpose(b)), eye)
         return ops.add(ops.sum(ops.square(gram_a)), ops.sum(ops.square(gram_b)))
 
+    def weighted_orth_penalty(self):
+        """`orth_reg_weight` times the penalty, as a Python float: what this
+        layer adds to the loss now (the scheduler logs the sum over layers
+        as `flexlora/orth_penalty`)."""
+        if not self.orth_reg_weight:
+            return 0.0
+        return float(ops.convert_to_numpy(self.orthogonality_penalty())) * self.orth_reg_weight
+
     def adapter_losses(self):
         if not self.orth_reg_weight:
             return []
@@ -167,6 +197,17 @@ class FlexLoRAAdapter(AdapterLayer):
     def capacity(self):
         """The capacity `R` (`max_rank`)."""
         return self.max_rank
+
+    def low_rank_factors(self, *, svd_rank=None):
+        """The update as `(a, b, error)`: numpy float32 factors of the active
+        components only, `a (d_in, k)` and `b (k, d_out)` with the gains
+        `s · λ` folded into `b`, so `a @ b == delta_kernel()`, and the
+        relative error (0.0: exact). For PEFT files; `svd_rank` is ignored."""
+        active = self.active_mask()
+        gains = (self.singular_values() * np.float32(self.scale))[active]
+        a = np.asarray(ops.convert_to_numpy(self.flex_a), "float32")[:, active]
+        b = np.asarray(ops.convert_to_numpy(self.flex_b), "float32")[active]
+        return a, (b * gains[:, None]).astype("float32"), 0.0
 
     def factor_roles(self):
         roles = {"flex_a": "in", "flex_b": "out"}
@@ -244,6 +285,7 @@ class FlexLoRAAdapter(AdapterLayer):
     def adapter_config(self):
         return {
             "rank": self.initial_rank,
+            "active_rank": self.active_rank,
             "max_rank": self.max_rank,
             "alpha": self.alpha,
             "orth_reg_weight": self.orth_reg_weight,

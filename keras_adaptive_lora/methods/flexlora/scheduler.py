@@ -3,13 +3,15 @@ and the Keras callback that moves rank between layers inside `model.fit`
 (paper §3.3, §4.2): no call to make in a training loop.
 """
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_adaptive_lora._validation import check_int
 from keras_adaptive_lora.core.optimizer_slots import reset_optimizer_slots
-from keras_adaptive_lora.core.tree import find_adapters
+from keras_adaptive_lora.core.tree import check_finite, find_adapters
 from keras_adaptive_lora.methods.flexlora.layer import FlexLoRAAdapter
 
 
@@ -102,14 +104,27 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
     zeroed (see `reset_optimizer_slots`); every other component keeps it.
     Nothing is rebuilt, so the compiled train step is not retraced.
 
+    Divergence: when `fit` starts, at every reallocation and at every epoch
+    end it checks the adapters' variables and stops the fit with a
+    `ValueError` naming the first one holding NaN or inf (add
+    `keras.callbacks.TerminateOnNaN()` to stop at the first non-finite loss).
+    It needs a compiled model (`ValueError` otherwise).
+
     Logs: adds `flexlora/total_rank`, `flexlora/min_rank`, `flexlora/max_rank`
     and `flexlora/moves` (components moved in this batch, resp. this epoch
     in the epoch logs) to the batch and epoch `logs`, so `History`,
     `CSVLogger` and `TensorBoard` record them (place `CSVLogger`/`TensorBoard`
-    after this callback in the list).
+    after this callback in the list). Epoch logs also get
+    `flexlora/orth_penalty`, the weighted orthogonality penalty summed over
+    the adapters at the epoch's end: a part of `loss` (most of it at init,
+    with random `A`, `B`). A fit that ends before the first reallocation
+    warns at its start (no rank would move).
 
     Args:
-        total_steps: `T`, total optimizer steps of the run.
+        total_steps: `T`, total optimizer steps of the run, or None: the
+            fit's own length, `epochs` x steps per epoch (the fit must know
+            its steps per epoch: arrays, a dataset of known cardinality, or
+            `steps_per_epoch`).
         b0: the initial budget (moves at the first reallocation). Defaults to 4.
         warmup_steps: steps before the first reallocation.
         final_steps: steps at the end with frozen ranks.
@@ -128,9 +143,9 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, total_steps, *, b0=4, warmup_steps, final_steps, interval, verbose=1):
+    def __init__(self, total_steps=None, *, b0=4, warmup_steps, final_steps, interval, verbose=1):
         super().__init__()
-        self.total_steps = check_int("total_steps", total_steps, 1)
+        self.total_steps = None if total_steps is None else check_int("total_steps", total_steps, 1)
         self.b0 = check_int("b0", b0, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.final_steps = check_int("final_steps", final_steps, 0)
@@ -138,6 +153,14 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
         if verbose not in (0, 1, 2) or isinstance(verbose, bool):
             raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
         self.verbose = int(verbose)
+        if self.total_steps is not None:
+            self._check_schedule()
+        self._adapters = []
+        self._history_steps = []
+        self._history_ranks = []
+        self._ready = False
+
+    def _check_schedule(self):
         if self.warmup_steps + self.final_steps >= self.total_steps:
             raise ValueError(
                 f"warmup_steps + final_steps = {self.warmup_steps} + "
@@ -153,10 +176,6 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
                 f"frozen from step total_steps - final_steps = "
                 f"{self.total_steps - self.final_steps}. Use a smaller interval."
             )
-        self._adapters = []
-        self._history_steps = []
-        self._history_ranks = []
-        self._ready = False
 
     def get_config(self):
         return {
@@ -190,6 +209,12 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
 
     # Callback hooks ------------------------------------------------------------------
     def on_train_begin(self, logs=None):
+        if getattr(self.model, "optimizer", None) is None:
+            raise ValueError(
+                f"FlexLoRAScheduler needs a compiled model: its clock is "
+                f"`model.optimizer.iterations`, and model {self.model.name!r} has no "
+                "optimizer. Call `model.compile(optimizer=..., loss=...)` first."
+            )
         adapters = find_flexlora_adapters(self.model)
         if not adapters:
             raise ValueError(
@@ -205,6 +230,29 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
             )
         self._adapters = adapters
         self._ready = False
+        self._check_fit_length()
+
+    def _check_fit_length(self):
+        """Take `total_steps` from the fit when it is None; warn when the fit
+        ends before the first reallocation."""
+        epochs, steps = (self.params or {}).get("epochs"), (self.params or {}).get("steps")
+        fit_end = epochs * steps if epochs and steps else None
+        if self.total_steps is None:
+            if fit_end is None:
+                raise ValueError(
+                    "FlexLoRAScheduler(total_steps=None) needs a fit that knows its steps per "
+                    "epoch; pass `steps_per_epoch` to fit, or `total_steps`."
+                )
+            self.total_steps = fit_end
+            self._check_schedule()
+        first = next(iter(self._due_steps(0, self.total_steps)), None)
+        if fit_end is not None and (first is None or fit_end < first):
+            warnings.warn(
+                f"FlexLoRAScheduler: this fit ends at step {fit_end} ({epochs} epochs x {steps}), "
+                f"before the first reallocation (step {first} of total_steps={self.total_steps}): "
+                "no rank will move. Pass total_steps=None to use the fit's own length.",
+                stacklevel=2,
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_moves = 0
@@ -232,8 +280,11 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
             logs.update(self._rank_logs(moves))
 
     def on_epoch_end(self, epoch, logs=None):
+        self._sync()
+        check_finite(self._adapters, f"at the end of epoch {epoch + 1}")
         if logs is not None:
             logs.update(self._rank_logs(self._epoch_moves))
+            logs["flexlora/orth_penalty"] = sum(a.weighted_orth_penalty() for a in self._adapters)
         if self.verbose:
             r = self._ranks
             print(
@@ -252,6 +303,7 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
 
     def _start(self):
         self._sync()
+        check_finite(self._adapters, "when this fit started")
         self._ranks = np.array([a.rank() for a in self._adapters])
         processed = min(int(ops.convert_to_numpy(a.flex_step)) for a in self._adapters)
         self._processed = processed
@@ -281,6 +333,7 @@ class FlexLoRAScheduler(keras.callbacks.Callback):
 
     def _reallocate(self, step, budget):
         adapters = self._adapters
+        check_finite(adapters, f"at step {step}")
         importance = np.array([a.importance() for a in adapters])
         ranks = np.array([a.rank() for a in adapters])
         capacity = np.array([a.max_rank for a in adapters])
