@@ -134,7 +134,7 @@ def run_stage(command, backend):
 def export(files):
     """The package's CLI under tensorflow: merged .keras -> SavedModel."""
     run_stage([sys.executable, "-m", "keras_adaptive_lora.cli", "export", files["merged"],
-               files["saved_model"]], "tensorflow")
+               files["saved_model"], "--overwrite"], "tensorflow")  # a rerun replaces its own export
 
 
 def check(args, files):

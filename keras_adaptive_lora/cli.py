@@ -21,9 +21,10 @@ that need the method registry or the transfer job are added only when that
 subcommand is on the command line. TensorFlow's native log lines (CUDA
 probes on machines without a GPU) are silenced: `TF_CPP_MIN_LOG_LEVEL`
 defaults to 3 here, and what native libraries print while loading is
-dropped (shown if the import fails). Under torch or jax, `smoke` and
-`inspect` load keras-hub without TensorFlow (keras-hub imports it whenever
-it is installed; those commands do not use it).
+dropped (shown if the import fails). Under torch or jax, `inspect` loads
+keras-hub without TensorFlow (keras-hub imports it whenever it is
+installed; inspecting a model does not use it). The commands that train
+(`smoke`, `transfer`) need it: keras-hub feeds `fit` through tf.data.
 """
 
 import argparse
@@ -35,8 +36,9 @@ import time
 
 # Subcommands whose work (or options) needs keras and keras-hub.
 _NEEDS_KERAS = ("smoke", "export", "inspect", "transfer", "export-peft", "import-peft")
-# Of those, the ones that do not need TensorFlow unless it is the backend.
-_WITHOUT_TF = ("smoke", "inspect")
+# Of those, the ones that do not need TensorFlow unless it is the backend
+# (keras-hub's task `fit` does: `smoke` and `transfer` train).
+_WITHOUT_TF = ("inspect",)
 
 
 @contextlib.contextmanager

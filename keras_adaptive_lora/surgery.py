@@ -267,7 +267,7 @@ def all_or_nothing(model, layers):
     `layers` are restored (`saved_state`) and the error is re-raised, so the
     model is as before."""
     restore = saved_state(model, layers)
-    guarded = _guarded_models(model)
+    guarded = {id(each) for each in _guarded_models(model)}
     swapped = []
     try:
         yield swapped
@@ -276,7 +276,7 @@ def all_or_nothing(model, layers):
             swap_layer(parent, adapter, layer)
         restore()
         for each in _guarded_models(model):
-            if each not in guarded:
+            if id(each) not in guarded:
                 del each.save
         reset_compiled_functions(model)
         raise

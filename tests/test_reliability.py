@@ -17,7 +17,9 @@ import pytest
 from conftest import tiny_gemma, to_numpy, token_batch
 
 import keras_adaptive_lora as kal
+import keras_adaptive_lora.methods  # noqa: F401  (registers the built-in methods)
 from keras_adaptive_lora import cli, surgery
+from keras_adaptive_lora.saving import export as export_module
 from keras_adaptive_lora.core.method import get_method
 from keras_adaptive_lora.core.tree import layer_path, walk
 from keras_adaptive_lora.methods.flexlora import FlexLoRAScheduler
@@ -122,6 +124,7 @@ FAILURES = {
     "nan_kernel": (dict(rank=2), _set_nan_kernel, ["p0"]),
     "wrap_raises": (dict(rank=2), None, ["p0", "head"]),  # injected in the method's layer class
     "swap_raises": (dict(rank=2), None, ["p0", "head"]),  # injected in the second swap
+    "report_raises": (dict(rank=2), None, ["p0", "head"]),  # injected after every swap
 }
 
 
@@ -133,7 +136,8 @@ def _not_a_failure(cls, failure):
     missing = [key for key in options if key != "rank" and key not in cls.option_names()]
     if missing:
         return f"{cls.name} has no option {missing[0]}"
-    if failure in ("wrap_raises", "swap_raises", "int4_layer", "float8_layer", "enable_lora_layer"):
+    if failure in ("wrap_raises", "swap_raises", "report_raises", "int4_layer", "float8_layer",
+                   "enable_lora_layer"):
         return None
     model = two_layer_model()
     if edit is not None:
@@ -168,6 +172,12 @@ def _inject(failure, cls, monkeypatch):
             return swap(parent, old, new)
 
         monkeypatch.setattr(surgery, "swap_layer", failing_swap)
+    elif failure == "report_raises":
+
+        def failing_report(*args, **kwargs):
+            raise RuntimeError("injected: the report failed after every swap")
+
+        monkeypatch.setattr(surgery, "build_report", failing_report)
 
 
 SEARCH = [
@@ -197,13 +207,17 @@ def test_failed_apply_leaves_the_model_unchanged(name, failure, monkeypatch):
     assert snapshot(model) == before
     np.testing.assert_array_equal(to_numpy(model(X)), y0)
     assert kal.find_adapters(model) == []
-    # A correct apply afterwards works.
+    # A correct apply afterwards works (the adapted forward pass once per
+    # method, after the most invasive rollback; else the merged model).
     report = kal.apply_adapters(model, spec_of(name, rank=2), targets=good_targets)
     assert [row["path"] for row in report.rows] == good_targets
     assert [a.wrapped.name for a in kal.find_adapters(model)] == good_targets
-    if cls.identity_at_init and failure != "nan_kernel":
+    identity = cls.identity_at_init and failure != "nan_kernel"
+    if identity and failure == "swap_raises":
         np.testing.assert_allclose(to_numpy(model(X)), y0, rtol=1e-5, atol=1e-5)
     assert kal.merge_adapters(model) == len(good_targets)
+    if identity:
+        np.testing.assert_allclose(to_numpy(model(X)), y0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed"])
@@ -306,7 +320,7 @@ def _fit_adapted(kind):
     return model
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="SavedModel export needs the tensorflow backend")
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the defect is in tensorflow's tracked lists; the tensorflow suite runs it")
 @pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed"])
 def test_plain_models_export_after_adapting_under_tensorflow(kind, tmp_path):
     import tensorflow as tf
@@ -382,7 +396,7 @@ def test_export_into_a_non_empty_folder_is_refused_before_exporting(tmp_path, mo
         pytest.fail("exported into a non-empty folder")
 
     monkeypatch.setattr(keras.Model, "export", export)
-    monkeypatch.setattr(kal, "save_merged", export)
+    monkeypatch.setattr(export_module, "save_merged", export)  # torch's subprocess path
     with pytest.raises(ValueError, match=r"'.*out' is not empty \('saved_model\.pb'\).*overwrite=True.*nothing was written"):
         kal.export_merged(model, str(out))
     assert (out / "saved_model.pb").read_bytes() == b"a previous export"

@@ -22,6 +22,7 @@ from keras_adaptive_lora.apps.transfer import (  # noqa: E402
     plot,
     report,
     settings,
+    splits,
     stats,
     synthetic,
     train,
@@ -188,6 +189,38 @@ def test_quick_run_exported_saved_model_matches_the_model(quick_run):
     loaded = tf.saved_model.load(result.saved_model_path)  # keep it alive while serving
     served = np.asarray(loaded.serve(tf.constant(inputs)))
     np.testing.assert_allclose(served, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_model_trained_again_from_a_new_seed_equals_a_fresh_one(quick_run):
+    """The job trains a method's compiled model again for the next seed
+    (no second trace and compile); that run must equal a fresh model's."""
+    result, _, out = quick_run
+    preset = os.path.join(out, "pretrained_vit")
+    cfg = settings.resolve_settings(preset=preset)
+    seed_data = splits.SeedData(cfg, (QUICK["image_size"],) * 2)
+    seed_data.normalize(np.float32(1 / 127.5), np.float32(-1.0))
+    opts = {k: cfg[k] for k in (
+        "epochs", "batch_size", "rank", "alpha", "learning_rate", "weight_decay", "verbose")}
+
+    def run(seed, compiled=None):
+        data = seed_data.get(seed)
+        return train.adapt(
+            "lora", preset=preset, num_classes=6, train=data.train, evaluation=data.evaluation,
+            steps_per_epoch=data.steps_per_epoch, seed=seed, options=opts, compiled=compiled,
+            log=lambda line: None,
+        )
+
+    _, first, _ = run(0)
+    fresh_row, fresh, fresh_logits = run(1)
+    reused_row, reused, reused_logits = run(1, compiled=first)
+    assert reused is first and reused_row["reused_compiled_model"]
+    assert not fresh_row["reused_compiled_model"]
+    np.testing.assert_allclose(reused_logits, fresh_logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(reused.get_weights(), fresh.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(keras.ops.convert_to_numpy(reused.optimizer.iterations)) == fresh_row["steps"]
+    # A model of another method (other variables) is not reused.
+    assert train.reuse_compiled(fresh, None) is None
 
 
 def test_reusing_the_offline_preset_keeps_the_offline_settings(quick_run, tmp_path):

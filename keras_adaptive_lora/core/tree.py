@@ -58,19 +58,26 @@ def find_adapters(model):
 def check_finite(adapters, when):
     """Raise a `ValueError` naming the first adapter variable of `adapters`
     that holds NaN or inf (training diverged); `when` says where, e.g.
-    `"at step 12"`. One on-device reduction per float variable."""
-    for adapter in adapters:
-        for name, variable in adapter.own_variables():
-            if "float" in str(variable.dtype) and not bool(
-                keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(variable)))
-            ):
-                raise ValueError(
-                    f"Training diverged: adapter variable '{adapter.path}/{name}' "
-                    f"holds NaN or infinite values {when}. Lower the learning rate "
-                    "(or clip gradients), restart from the last good checkpoint, and "
-                    "add `keras.callbacks.TerminateOnNaN()` to stop at the first "
-                    "non-finite loss."
-                )
+    `"at step 12"`. Reductions on the device, one value read back."""
+    ops = keras.ops
+    named = [
+        (adapter, name, variable)
+        for adapter in adapters
+        for name, variable in adapter.own_variables()
+        if "float" in str(variable.dtype)
+    ]
+    flags = [ops.all(ops.isfinite(variable)) for _, _, variable in named]
+    if not flags or bool(ops.convert_to_numpy(ops.all(ops.stack(flags)))):
+        return
+    for (adapter, name, _), finite in zip(named, flags):
+        if not bool(ops.convert_to_numpy(finite)):
+            raise ValueError(
+                f"Training diverged: adapter variable '{adapter.path}/{name}' "
+                f"holds NaN or infinite values {when}. Lower the learning rate "
+                "(or clip gradients), restart from the last good checkpoint, and "
+                "add `keras.callbacks.TerminateOnNaN()` to stop at the first "
+                "non-finite loss."
+            )
 
 
 def layer_path(layer):

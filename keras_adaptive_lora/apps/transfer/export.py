@@ -29,10 +29,12 @@ def export_best(model, output_dir, probe, logits, log=print, note=""):
     np.savez(probe_path, inputs=probe, logits=logits)
     save_merged(model, merged_path)
     if keras.backend.backend() == "tensorflow":
-        export_merged(model, saved_path)
+        export_merged(model, saved_path, overwrite=True)  # this run's own output folder
         log(f"exported {what}: {saved_path} (SavedModel), {merged_path}")
         return merged_path, saved_path, probe_path, None
-    command = [sys.executable, "-m", "keras_adaptive_lora.cli", "export", merged_path, saved_path]
+    command = [
+        sys.executable, "-m", "keras_adaptive_lora.cli", "export", merged_path, saved_path, "--overwrite",
+    ]
     # The parent folder of the `keras_adaptive_lora` package, so the
     # subprocess imports this copy of it.
     root = os.path.dirname(os.path.dirname(os.path.abspath(keras_adaptive_lora.__file__)))

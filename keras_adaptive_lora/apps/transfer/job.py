@@ -64,6 +64,12 @@ def machine():
     }
 
 
+def _cpu_seconds():
+    """CPU time of this process (all its threads) and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_transfer(**kwargs):
     """Adapt a pretrained ViT to a few-shot task with each method, over
     several seeds; compare.
@@ -82,7 +88,7 @@ def run_transfer(**kwargs):
     Returns:
         A `TransferResult`.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     log = kwargs.pop("log", print)
     cfg = resolve_settings(**kwargs)
     at_start = machine()
@@ -153,7 +159,7 @@ def run_transfer(**kwargs):
     runs, rows, best, timing = {}, [], None, {}
     for index, method in enumerate(methods, 1):
         prefix, method_start = f"[{index}/{len(methods)}] {method}", time.perf_counter()
-        runs[method], kept = [], None
+        runs[method], kept, previous = [], None, None
         for k, seed in enumerate(seeds):
             seed_data = data.get(seed)
             progress = EpochStatus(
@@ -166,13 +172,19 @@ def run_transfer(**kwargs):
                 steps_per_epoch=seed_data.steps_per_epoch, seed=seed, options=options,
                 size=match.options(method) if match is not None else None,
                 targets=targets if is_adapter_method(method) else None,
-                callbacks=[progress], log=say,
+                callbacks=[progress], compiled=previous, log=say,
             )
             runs[method].append(row)
             if kept is None or row["val_accuracy"] > kept[0]["val_accuracy"]:
-                kept = (row, model, logits, seed_data.evaluation.probe)
+                kept = (row, model, model.get_weights(), logits, seed_data.evaluation.probe)
+            previous = model  # trained again from the next seed's start if it can
             del model
             gc.collect()
+        # The best seed's weights back into its model (the model may have
+        # trained other seeds since).
+        kept[1].set_weights(kept[2])
+        kept = (kept[0], kept[1], kept[3], kept[4])
+        del previous
         summary = stats.summarize(runs[method])
         rows.append(summary)
         timing[method] = time.perf_counter() - method_start
@@ -219,7 +231,7 @@ def run_transfer(**kwargs):
         result.update(
             merged_path=merged, saved_model_path=saved, probe_path=probe_path, export_error=error
         )
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
     at_end = machine()
     record = {
         "config": config,
@@ -249,6 +261,7 @@ def run_transfer(**kwargs):
         },
         "export_error": result.get("export_error"),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "timing": {"pretraining": (pretraining or {}).get("seconds") if cfg["pretrain"] else 0.0,
                    "methods": timing},
     }
@@ -258,9 +271,9 @@ def run_transfer(**kwargs):
         json.dump(record, f, indent=2)
     log(f"results: {result['results_path']}")
     log(
-        f"done in {clock(seconds)} on {at_start['system']}, {at_start['processor']} "
-        f"({at_start['cpus']} CPUs; load "
-        f"average {at_start['load_average'][0]:.2f} at the start, "
-        f"{at_end['load_average'][0]:.2f} at the end)"
+        f"done in {clock(seconds)} ({clock(cpu_seconds)} of CPU time) on {at_start['system']}, "
+        f"{at_start['processor']} ({at_start['cpus']} CPUs; load average "
+        f"{at_start['load_average'][0]:.2f} at the start, {at_end['load_average'][0]:.2f} at "
+        "the end)"
     )
     return TransferResult(**result)

@@ -15,8 +15,8 @@ import keras
 import keras_hub
 import numpy as np
 
-from keras_adaptive_lora import data
 from keras_adaptive_lora.apps.transfer.backbone import cosine_schedule, load_backbone
+from keras_adaptive_lora.apps.transfer.data import import_tf
 from keras_adaptive_lora.apps.transfer.options import (
     HEAD,
     PROBE_SIZE,
@@ -86,8 +86,53 @@ def callback_schedule(callbacks):
     return schedule or None
 
 
+def seeded_epochs(train, batch_size, epochs, seed):
+    """`epochs` passes over `train` in one batched dataset, each pass
+    shuffled with its own fixed seed (from `seed` and the pass), so the
+    order depends on `seed` alone: not on how often the dataset is iterated
+    (Keras takes a first batch to build a freshly compiled model, which
+    would move a reshuffling dataset on to its next order)."""
+    tf = import_tf()
+    size = int(train.cardinality())
+    buffer = size if size > 0 else 1024
+    passes = [
+        train.shuffle(buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+        .batch(batch_size)
+        for epoch in range(epochs)
+    ]
+    stream = passes[0]
+    for one in passes[1:]:
+        stream = stream.concatenate(one)
+    return stream.prefetch(tf.data.AUTOTUNE)
+
+
+def reuse_compiled(model, compiled):
+    """`compiled` (the same method, compiled and trained on another seed)
+    made to start where the freshly built `model` starts, or None.
+
+    `model`'s weights (trainable and not: head, adapters, their masks and
+    sampler states) are copied into `compiled` and its optimizer state is
+    zeroed (the step count included), so `fit` runs as on a fresh model
+    without tracing and compiling the training step again. Done only when
+    the two models have the same variables and the same adapter configs (a
+    method that keeps a seed outside its variables, in its config, is built
+    and compiled afresh).
+    """
+    if compiled is None or len(model.weights) != len(compiled.weights):
+        return None
+    if any(tuple(a.shape) != tuple(b.shape) for a, b in zip(model.weights, compiled.weights)):
+        return None
+    configs = [[layer.get_config() for layer in find_adapters(m)] for m in (model, compiled)]
+    if configs[0] != configs[1]:
+        return None
+    compiled.set_weights(model.get_weights())
+    for variable in compiled.optimizer.variables:
+        variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+    return compiled
+
+
 def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, seed, options,
-          size=None, targets=None, callbacks=(), log=print):
+          size=None, targets=None, callbacks=(), compiled=None, log=print):
     """Adapt the preset's backbone with one method on one seed; evaluate it.
 
     Args:
@@ -105,6 +150,9 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, se
         size: the method's size options (matched budgets), or None.
         targets: the layers to adapt, or None (the method's defaults).
         callbacks: extra Keras callbacks (e.g. progress).
+        compiled: this method's model from the previous seed, to train
+            again from this seed's initial weights when it can
+            (`reuse_compiled`). Defaults to None.
         log: function receiving progress lines. Defaults to `print`.
 
     Returns:
@@ -114,6 +162,7 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, se
     """
     epochs, verbose = options["epochs"], options["verbose"]
     keras.utils.set_random_seed(seed)  # the same head init for every method
+    batches = seeded_epochs(train, options["batch_size"], epochs, seed)
     backbone = load_backbone(preset)
     if method == "scratch":
         backbone = type(backbone).from_config(backbone.get_config())
@@ -138,25 +187,31 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, se
         schedule = callback_schedule(method_callbacks)
         if schedule is not None:
             row["schedule"] = schedule
-    model.compile(
-        optimizer=keras.optimizers.AdamW(
-            cosine_schedule(options["learning_rate"], total_steps),
-            weight_decay=options["weight_decay"],
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    reused = reuse_compiled(model, compiled)
+    if reused is None:
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                cosine_schedule(options["learning_rate"], total_steps),
+                weight_decay=options["weight_decay"],
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    else:
+        del model
+        model = reused
+    row["reused_compiled_model"] = reused is not None
     row["trainable_params"] = count_params(model.trainable_weights)
     row["total_params"] = count_params(model.weights)
-    batches = data.batched(train, options["batch_size"], shuffle=True, seed=seed)
     timer = StepTimer()
     start = time.perf_counter()
     history = model.fit(
         batches,
         epochs=epochs,
+        steps_per_epoch=steps_per_epoch,  # one stream of epochs (see `seeded_epochs`)
         callbacks=[timer, *method_callbacks, *callbacks],
         verbose=2 if verbose >= 2 else 0,
-        shuffle=False,  # `batches` is shuffled by tf.data, anew each epoch
+        shuffle=False,  # `batches` is shuffled per epoch already
     )
     row["train_seconds"] = time.perf_counter() - start
     row["steps"] = total_steps

@@ -81,17 +81,17 @@ def rank_pattern(model):
 class FlexLoRAScheduler(keras.callbacks.Callback):
     """Moves FlexLoRA rank between layers during `fit` (paper §3.3, eq. 4).
 
-    At every reallocation step `t` (see `budget_schedule`) with budget
-    `b = b(t)`, the scheduler computes each adapter's spectral entropy
-    importance over its active components, then pairs the `b` least important
-    layers with `r_active > 1` with the `b` most important layers with
-    `r_active < max_rank` (disjoint sets, `b` capped at half the number of
-    layers). In each pair the low-importance layer switches off its
-    smallest-`|λ|` component and the high-importance layer switches on one free
-    slot with zero-impact init (`λ = 0`, fresh `N(0, 0.02²)` vectors). A pair is
-    skipped when the expanding layer is not strictly more important than the
-    pruned one (e.g. all-zero `λ` right after a short warmup): a move needs a
-    reason. Prunes equal expands, so `Σ r_active` is constant.
+    At a reallocation step `t` (`budget_schedule`) it computes each adapter's
+    spectral entropy importance `I` over its active components; with `L`
+    adapters, `b = min(b(t), L // 2)` (capped at half the layers). The `b`
+    least important layers with `r_active > 1` (prune) are paired in order
+    with the `b` most important layers not among them with `r_active <
+    max_rank` (expand); ties go to the earlier layer. A pair moves only if
+    the expanding layer is strictly more important (so never between equals,
+    e.g. all-zero `λ` after a short warmup); the first pair that fails ends
+    the step. A move switches off the pruned layer's smallest-`|λ|` component
+    and switches on a free slot with zero-impact init (`λ = 0`, fresh
+    `N(0, 0.02²)` vectors). Prunes equal expands: `Σ r_active` is constant.
 
     Its clock is `model.optimizer.iterations` (completed updates), read after
     each batch. The rank state is in the adapters' variables (mask, expansion
