@@ -86,29 +86,34 @@ def paired(results, methods, reference):
 
 
 def rank_maps(results, methods, path):
-    """Initial and final active rank per layer (mean over seeds), one row per method."""
+    """One heatmap per method: the active rank of each layer at the start and
+    after training (rows), mean over seeds, each cell annotated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["runs"] if "runs" in results else results["methods"]
-    fig, axes = plt.subplots(len(methods), 2, figsize=(12, 1.2 + 1.1 * len(methods)), squeeze=False)
-    for k, method in enumerate(methods):
+    fig, axes = plt.subplots(len(methods), 1, figsize=(11, 2.3 * len(methods)), squeeze=False)
+    for ax, method in zip(axes[:, 0], methods):
         runs = [r for r in rows if r["method"] == method]
         layers = list(runs[0]["ranks"])
-        for j, field in enumerate(("initial_ranks", "ranks")):
-            grid = np.array([[r.get(field, r["ranks"])[p] for p in layers] for r in runs], float)
-            ax = axes[k, j]
-            im = ax.imshow(grid.mean(0, keepdims=True), aspect="auto", cmap="viridis")
-            ax.set_yticks([])
-            ax.set_xticks(range(len(layers)))
-            ax.set_xticklabels([label(p) for p in layers], rotation=90, fontsize=6)
-            for i, v in enumerate(grid.mean(0)):
-                ax.text(i, 0, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w")
-            ax.set_title(f"{method}: {'initial' if j == 0 else 'final'} ranks "
-                         f"(mean of {len(runs)} seeds)", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.02)
+        grid = np.array([
+            [[r.get("initial_ranks", r["ranks"])[p] for p in layers] for r in runs],
+            [[r["ranks"][p] for p in layers] for r in runs],
+        ], float)  # (start/end, seeds, layers)
+        mean, spread = grid.mean(1), grid.std(1)
+        im = ax.imshow(mean, aspect="auto", cmap="viridis")
+        for (i, j), v in np.ndenumerate(mean):
+            ax.text(j, i, f"{v:.1f}\n±{spread[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < mean.mean() else "black")
+        ax.set_yticks([0, 1])
+        ax.set_yticklabels(["start", "end"])
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels([label(p) for p in layers], fontsize=7)
+        ax.set_title(f"{method}: active rank per layer, mean ± s.d. over {len(runs)} seeds "
+                     f"(total {int(grid[0, 0].sum())})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

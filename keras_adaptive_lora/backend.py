@@ -274,16 +274,32 @@ def blocked(total, step, body, outputs=(), sums=()):
     return tuple(fulls), tuple(totals)
 
 
-def bin_sums(weights, index, bins):
-    """`out[j] = Σ weights[i] for index[i] = j`, `j < bins`: 1-D `weights`, int32 `index` in range.
+def bin_sums(columns, index, bins):
+    """`out[j, c] = Σ columns[c][i] over index[i] = j`, `j < bins`: 1-D float32
+    `columns`, an int32 `index` in range; `(bins, len(columns))`.
 
-    `bincount` on torch (keras's torch `segment_sum` repeats the index and
-    masks it, ~10x slower), `segment_sum` elsewhere (jax's `bincount` cannot
-    be traced, tensorflow's has a data-dependent size that XLA rejects).
+    `bincount` per column on torch (keras's torch `segment_sum` repeats the
+    index and masks it, ~10x slower); one `segment_sum` of the stacked
+    columns elsewhere (jax's `bincount` cannot be traced; tensorflow's has a
+    data-dependent size that XLA rejects).
     """
     if keras.backend.backend() == "torch":
-        return ops.bincount(index, weights=weights, minlength=bins)
-    return ops.segment_sum(weights, index, num_segments=bins)
+        return ops.stack([ops.bincount(index, weights=c, minlength=bins) for c in columns], axis=1)
+    return ops.segment_sum(ops.stack(columns, axis=1), index, num_segments=bins)
+
+
+def take_rows(table, index):
+    """`table[index]` for a small 2-D `table` and an int32 `index` of any shape.
+
+    On torch an embedding lookup with the int32 index as it is (keras's torch
+    `take` first converts the index to int64 and remaps negative entries:
+    three more passes over it); elsewhere `keras.ops.take`.
+    """
+    if keras.backend.backend() == "torch":
+        import torch  # the torch backend guarantees it
+
+        return torch.nn.functional.embedding(index, table)
+    return ops.take(table, index, axis=0)
 
 
 def orders_after_input():

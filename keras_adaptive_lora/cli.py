@@ -21,8 +21,8 @@ that need the method registry or the transfer job are added only when that
 subcommand is on the command line. TensorFlow's native log lines (CUDA
 probes on machines without a GPU) are silenced: `TF_CPP_MIN_LOG_LEVEL`
 defaults to 3 here, and what native libraries print while loading is
-dropped (shown if the import fails). Under torch or jax, `inspect` loads
-keras-hub without TensorFlow (keras-hub imports it whenever it is
+dropped (shown if the import fails). Under torch or jax, the command
+`keras-adaptive-lora inspect` loads keras-hub without TensorFlow (keras-hub imports it whenever it is
 installed; inspecting a model does not use it). The commands that train
 (`smoke`, `transfer`) need it: keras-hub feeds `fit` through tf.data.
 """
@@ -67,26 +67,25 @@ def _native_stderr_dropped():
             os.close(saved)
 
 
-def _load_keras(command):
+def _load_keras(command, whole_process):
     """Import keras and keras-hub for `command`, quietly; without TensorFlow
-    when neither the backend nor the command needs it."""
+    when neither the backend nor the command needs it and the command is
+    the whole process (`keras-adaptive-lora ...`: keras-hub then stays
+    without it, which a later training in the same process would need)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _native_stderr_dropped():
         import keras
 
         block = (
-            command in _WITHOUT_TF
+            whole_process
+            and command in _WITHOUT_TF
             and keras.backend.backend() != "tensorflow"
             and "keras_hub" not in sys.modules
             and "tensorflow" not in sys.modules
         )
-        if block:
-            sys.modules["tensorflow"] = None  # keras-hub sees it as not installed
-        try:
-            import keras_hub  # noqa: F401
-        finally:
-            if block:
-                del sys.modules["tensorflow"]
+        if block:  # keras-hub sees it as not installed, for the whole command
+            sys.modules["tensorflow"] = None
+        import keras_hub  # noqa: F401
 
 
 def _smoke(args):
@@ -381,12 +380,13 @@ def _add_inspect_options(inspect):
 
 
 def main(argv=None):
+    whole_process = argv is None  # the console script, or `python -m`
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in _NEEDS_KERAS:  # the top-level help, or an unknown command
         command = None
     else:
-        _load_keras(command)
+        _load_keras(command, whole_process)
     args = build_parser(command).parse_args(argv)
     return args.func(args)
 

@@ -174,7 +174,7 @@ def test_errors(presets, tmp_path):
 
 
 def test_cli_in_process(presets, capsys, tmp_path):
-    assert {"demo", "export", "inspect"} <= set(
+    assert {"smoke", "export", "inspect"} <= set(
         cli.build_parser()._subparsers._group_actions[0].choices
     )
     folder, _ = presets["vit"]
