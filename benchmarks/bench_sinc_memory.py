@@ -1,72 +1,46 @@
-"""Peak memory and step time of SincLoRA vs plain LoRA vs a naive broadcast
-implementation of the sinc transfer, on large kernels.
+"""SincLoRA vs plain LoRA on large kernels: training-step time (interleaved, one
+thread) and peak memory (one process per variant).
 
 Model: `x (batch, seq, 1024) -> Dense(4096) -> Dense(1024)`, both projections
 adapted at the same rank (a transformer MLP's up and down kernels, 4M entries
-each); `--pairs N` stacks N such pairs (2N adapted layers). One training step = forward, loss, gradients of every adapter
-parameter (`keras.ops` model code through `model.stateless_call`, the frozen
-weights closed over; the gradient call is the backend's own:
-`jax.jit(jax.value_and_grad)`, a `tf.function` with a `GradientTape`, torch
-autograd). Variants:
+each); `--pairs N` stacks N such pairs. One training step = forward, loss,
+gradients of every adapter parameter (`keras.ops` model code through
+`model.stateless_call`, the frozen weights closed over; the gradient call is
+the backend's own: `jax.jit(jax.value_and_grad)`; on tensorflow a
+`tf.function` with a `GradientTape`, XLA-compiled as `model.fit` compiles it
+by default (`--tf-graph`: plain graph); torch autograd). Adapter variables
+get nonzero values (`0.1 · normal`, so `f`, `A`, `B` all matter). Variants:
 
 - `lora`: `LoRAAdapter`, factored forward `x W + s (x A) B`.
-- `sinc`: `SincLoRAAdapter`, the library's memory-safe merged-weight forward.
-- `naive`: the same math written the obvious way, `f(P) = sum(a[:, None, None] *
-  sinc(b[:, None, None] * (P[None] - g[:, None, None])), axis=0)`, differentiated
-  by plain autodiff: it forms `(grid_size, d_in, d_out)` tensors.
+- `sinc`: `SincLoRAAdapter` (the package on `sys.path`: run the script with
+  `PYTHONPATH=<other checkout>` to measure another version side by side).
+- `naive` (memory mode only): the broadcast formulation `sum(a[:, None, None] *
+  sinc(b[:, None, None] * (P[None] - g[:, None, None])), axis=0)` with plain
+  autodiff: `(grid_size, d_in, d_out)` tensors.
 
-Each (backend, variant) runs in a fresh subprocess: build, one warm-up step
-(which also compiles on jax/tensorflow), then `--steps` timed steps. What
-is measured (MB = MiB):
+`--mode time` (one process per backend, one thread: `torch.set_num_threads(1)`,
+XLA's CPU runtime without its thread pool, tensorflow with one intra- and one
+inter-op thread): every variant is built and warmed up (compiled) first, then
+`--rounds` rounds each run one step of every variant in turn, so that the
+load of other processes on the machine hits all variants alike. Reported: the
+median CPU time (`time.process_time`) and wall time per step, and the ratio
+of medians `sinc / lora`, with `os.getloadavg()` before and after.
 
-- `step MB`: the process's peak resident memory (Linux `VmHWM`, reset through
-  `/proc/self/clear_refs` after the warm-up step) during the timed steps, minus
-  the resident memory just before them: the extra memory a training step needs
-  on top of what stays resident between steps. glibc is told to serve every
-  allocation above 64 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`) and to trim at
-  once (`MALLOC_TRIM_THRESHOLD_=0`), so freed tensors leave the resident set
-  at once and the high-water mark tracks live tensor memory, not allocator
-  caching. Noisy for a small step (pages kept from the warm-up count as
-  "before").
-- `total MB` (the "peak memory" of the targets): peak resident memory during
-  the timed steps minus the resident memory after the imports, before the
-  model was built. Per backend that peak holds:
-  - torch (eager): the weights, adapter variables and input, plus the live
-    tensors at the worst moment of the step (activations and what autograd
-    saved, then the backward pass's temporaries); no compiled program.
-  - jax: the weights and input, the compiled step (its code and constants:
-    the frozen kernels closed over by the jitted function are compile-time
-    constants inside it), the heap the compilation left behind (glibc cannot
-    return fragmented free memory), and the step's working memory: XLA
-    preallocates the buffers of its buffer assignment (`XLA temp MB`) for the
-    run, plus the outputs.
-  - tensorflow: the weights and input, the traced graph and the executor's
-    live tensors at the worst moment (as torch, but ops may run concurrently).
-- `trimmed MB`: `total MB` measured again over one more step, after
-  `malloc_trim(0)` has handed every free heap page back to the OS: without
-  what the allocator keeps of freed memory. On jax that is mostly what the
-  compilation freed (XLA CPU leaves ~40-50 MB for the SincLoRA step, ~15 MB
-  for LoRA's, whatever the number of layers): the step's own memory, the
-  compiled program and the weights remain.
-- on jax also `XLA temp MB`: the compiled step's temporary buffers from XLA's
-  own buffer assignment (`compiled.memory_analysis()`), independent of malloc
-  and of the compilation's leftovers: the most exact view of the step itself.
-- `step s`: median wall time of the timed steps.
+`--mode memory` (one process per variant): `total MB` is the peak resident
+memory during `--steps` steps (Linux `VmHWM`, reset after a warm-up step)
+minus the resident memory after the imports; glibc serves allocations above
+64 KiB with mmap and trims at once (`MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TRIM_THRESHOLD_`), so the high-water mark tracks live tensors.
+`trimmed MB`: the same over one more step after `malloc_trim(0)` has returned
+the heap's free pages (on jax mostly what compiling left behind). On jax also
+`XLA temp MB` (the compiled step's buffer assignment).
 
-The targets (issue 6): `total MB` (and `trimmed MB`, and on jax `XLA temp
-MB`) of `sinc` <= 1.3x `lora`'s. Each ratio is also printed as a `RESULT {json}` line for
-`benchmarks/run_all.py`: memory sinc/lora (target "<= 1.3"), naive/sinc
-(informative), step time sinc/lora and naive/sinc (informative).
+Targets (issue 15): time `sinc / lora <= 2.0` and memory `<= 1.3` on every
+backend; each ratio is printed as a `RESULT {json}` line for `run_all.py`.
 
-Usage: `python benchmarks/bench_sinc_memory.py [--backends jax torch]
-[--variants lora sinc naive] [--batch 4 --seq 128 --rank 8 --grid-size 50
---steps 2] [--plain-malloc]`. `--plain-malloc` drops the allocator settings
-above: use it for step times (serving every allocation with a fresh mmap
-costs a page fault per 4 KiB, which slows torch eager, one allocation per op,
-many-fold), not for the memory columns (its ratios are printed, its memory
-ratios are not reported as RESULT lines). CPU-only runs of `lora` and `sinc`
-take a minute or two per backend; `naive` takes far longer (tens of minutes
-and ~10 GB on jax) at the default sizes.
+Usage: `python benchmarks/bench_sinc_memory.py [--backends torch tensorflow jax]
+[--mode both|time|memory] [--rounds 7] [--steps 2] [--batch 4 --seq 128 --rank 8
+--grid-size 50]`. CPU, default sizes: about a minute per backend and mode.
 """
 
 import argparse
@@ -78,7 +52,12 @@ import time
 
 from _runner import report_ratio
 
-VARIANTS = ("lora", "sinc", "naive")
+ONE_THREAD = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
 
 
 def _status(key):
@@ -89,64 +68,37 @@ def _status(key):
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _malloc_trim():
-    """glibc's `malloc_trim(0)`: return all free heap pages to the OS. False if unavailable."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-def worker(args):
+def build_step(variant, args):
+    """A function running one training step of `variant`, and XLA's temp MB (jax)."""
     import keras
     import numpy as np
     from keras import ops
 
     from keras_adaptive_lora import LoRAAdapter, SincLoRAAdapter
 
-    rss_start = _status("VmRSS")  # after the imports, before the model
-
-    backend = keras.backend.backend()
-
     class NaiveSincAdapter(SincLoRAAdapter):
         """The broadcast formulation, with plain autodiff (for comparison only)."""
 
         def call(self, inputs, training=None, **kwargs):
             grid = ops.convert_to_tensor(np.asarray(self.grid, "float32"))[:, None, None]
-            product = ops.matmul(self.lora_a, self.lora_b)[None]
-            z = ops.softplus(self.bandwidth_logits)[:, None, None] * (product - grid)
-            t = np.pi * z
-            zero = ops.equal(t, 0.0)
-            safe = ops.where(zero, 1.0, t)
-            sinc = ops.where(zero, 1.0, ops.sin(safe) / safe)
-            f = ops.sum(self.amplitudes[:, None, None] * sinc, axis=0)
+            t = np.pi * ops.softplus(self.bandwidth_logits)[:, None, None] * (ops.matmul(self.lora_a, self.lora_b)[None] - grid)
+            safe = ops.where(ops.equal(t, 0.0), 1.0, t)
+            f = ops.sum(self.amplitudes[:, None, None] * ops.where(ops.equal(t, 0.0), 1.0, ops.sin(safe) / safe), axis=0)
             kernel = ops.add(ops.cast(self.wrapped.kernel, "float32"), self.view.from_matrix(self.scale * f))
-            y = self.view.project(inputs, kernel)
-            return ops.add(y, self.wrapped.bias)
+            return ops.add(self.view.project(inputs, kernel), self.wrapped.bias)
 
-    adapter_cls = {"lora": LoRAAdapter, "sinc": SincLoRAAdapter, "naive": NaiveSincAdapter}[args.variant]
-    extra = {} if args.variant == "lora" else {"grid_size": args.grid_size}
+    backend = keras.backend.backend()
+    adapter_cls = {"lora": LoRAAdapter, "sinc": SincLoRAAdapter, "naive": NaiveSincAdapter}[variant]
+    extra = {} if variant == "lora" else {"grid_size": args.grid_size}
     rng = np.random.default_rng(0)
     inputs = keras.Input((args.seq, args.hidden))
-    layers = []
+    hidden, adapters = inputs, []
     for i in range(args.pairs):
-        up = keras.layers.Dense(args.intermediate, name=f"up_{i}")
-        down = keras.layers.Dense(args.hidden, name=f"down_{i}")
-        up.build((None, args.seq, args.hidden))
-        down.build((None, args.seq, args.intermediate))
-        layers += [up, down]
-    adapters = [adapter_cls(layer, rank=args.rank, **extra) for layer in layers]
-    hidden = inputs
-    for adapter in adapters:
-        hidden = adapter(hidden)
+        for width, name in ((args.intermediate, "up"), (args.hidden, "down")):
+            layer = keras.layers.Dense(width, name=f"{name}_{i}")
+            layer.build((None, args.seq, hidden.shape[-1]))
+            adapters.append(adapter_cls(layer, rank=args.rank, **extra))
+            hidden = adapters[-1](hidden)
     model = keras.Model(inputs, hidden)
     for adapter in adapters:  # nonzero, representative values
         for v in adapter.trainable_weights:
@@ -159,200 +111,149 @@ def worker(args):
         y, _ = model.stateless_call(list(params), frozen, x)
         return ops.mean(ops.square(y))
 
-    xla_temp = None
     if backend == "jax":
         import jax
 
         x = jax.numpy.asarray(x_np)
         compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(trainable, x).compile()
-        xla_temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-
-        def step():
-            loss, grads = compiled(trainable, x)
-            jax.block_until_ready(grads)
-            return loss
-
-    elif backend == "tensorflow":
+        return (lambda: jax.block_until_ready(compiled(trainable, x))), compiled.memory_analysis().temp_size_in_bytes / 2**20
+    if backend == "tensorflow":
         import tensorflow as tf
 
         x = tf.constant(x_np)
 
-        @tf.function
+        @tf.function(jit_compile=not args.tf_graph)
         def tf_step(x):
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 loss = loss_fn(trainable, x)
             return loss, tape.gradient(loss, trainable)
 
-        def step():
-            loss, grads = tf_step(x)
-            [g.numpy() for g in grads]
-            return loss
+        return (lambda: [g.numpy() for g in tf_step(x)[1]]), None
+    import torch
 
-    else:
+    x = torch.tensor(x_np)
+    return (lambda: torch.autograd.grad(loss_fn(trainable, x), trainable)), None
+
+
+def single_thread():
+    import keras
+
+    if keras.backend.backend() == "torch":
         import torch
 
-        x = torch.tensor(x_np)
-        params = [v.value for v in model.trainable_variables]
+        torch.set_num_threads(1)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-        def step():
-            loss = loss_fn(params, x)
-            grads = torch.autograd.grad(loss, params)
-            del grads
-            return loss
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    step()  # warm-up (and compilation)
-    rss_before = _status("VmRSS")
-    _reset_peak()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
+
+def time_worker(args):
+    """Interleaved rounds of one step per variant, in this process."""
+    import numpy as np
+
+    single_thread()
+    steps = {v: build_step(v, args)[0] for v in args.variants}
+    for step in steps.values():
+        step()  # warm-up and compilation
         step()
-        times.append(time.perf_counter() - t0)
-    peak = _status("VmHWM")
-    # One more step after handing the heap's free pages back to the OS: glibc
-    # keeps free memory below the top of the heap resident (on jax mostly
-    # what the compilation freed, tens of MB).
+    load = [os.getloadavg()]
+    cpu, wall = {v: [] for v in steps}, {v: [] for v in steps}
+    for _ in range(args.rounds):
+        for variant, step in steps.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            step()
+            cpu[variant].append(time.process_time() - c0)
+            wall[variant].append(time.perf_counter() - w0)
+    load.append(os.getloadavg())
+    out = {v: {"cpu_ms": 1000 * float(np.median(cpu[v])), "wall_ms": 1000 * float(np.median(wall[v]))} for v in steps}
+    print(json.dumps({"times": out, "load": load}))
+
+
+def memory_worker(args):
+    import ctypes
+
+    import keras
+
+    from keras_adaptive_lora import LoRAAdapter, SincLoRAAdapter  # noqa: F401  (imports are not the step)
+
+    keras.ops.convert_to_numpy(keras.ops.matmul(keras.ops.ones((2, 2)), keras.ops.ones((2, 2))))  # load the backend
+    rss_start = _status("VmRSS")
+    step, xla_temp = build_step(args.variant, args)
+    step()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM
+    for _ in range(args.steps):
+        step()
+    total = _status("VmHWM") - rss_start
     trimmed = None
-    if _malloc_trim():
-        _reset_peak()
+    try:  # one more step after handing the heap's free pages back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         step()
         trimmed = _status("VmHWM") - rss_start
-    print(
-        json.dumps(
-            {
-                "backend": backend,
-                "variant": args.variant,
-                "step_mb": peak - rss_before,
-                "total_mb": peak - rss_start,
-                "trimmed_mb": trimmed,
-                "xla_temp_mb": xla_temp,
-                "step_s": float(np.median(times)),
-            }
-        )
-    )
+    except (OSError, AttributeError):
+        pass
+    print(json.dumps({"total_mb": total, "trimmed_mb": trimmed, "xla_temp_mb": xla_temp}))
 
 
-def run_all(args):
-    rows = []
-    env_base = dict(os.environ)
-    if not args.plain_malloc:
-        env_base.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    common = [
-        f"--{k.replace('_', '-')}={getattr(args, k)}"
-        for k in ("batch", "seq", "hidden", "intermediate", "pairs", "rank", "grid_size", "steps")
-    ]
-    for backend in args.backends:
-        for variant in args.variants:
-            env = dict(env_base, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            cmd = [sys.executable, __file__, "--worker", f"--variant={variant}", *common]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-            if out.returncode or not line:
-                print(f"{backend}/{variant} failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
-                continue
-            rows.append(json.loads(line[-1]))
-            print(f"  done {backend}/{variant}: {rows[-1]}", file=sys.stderr)
-    print(
-        f"\n{args.pairs} x (kernels {args.hidden}x{args.intermediate} and {args.intermediate}x{args.hidden}), "
-        f"batch {args.batch} x seq {args.seq}, rank {args.rank}, grid_size {args.grid_size}, "
-        f"median of {args.steps} steps"
-    )
-    header = (
-        f"{'backend':<11}{'variant':<8}{'step MB':>10}{'total MB':>10}{'trimmed MB':>12}"
-        f"{'XLA temp MB':>13}{'step s':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        xla = "" if r["xla_temp_mb"] is None else f"{r['xla_temp_mb']:.1f}"
-        trimmed = "" if r["trimmed_mb"] is None else f"{r['trimmed_mb']:.1f}"
-        print(
-            f"{r['backend']:<11}{r['variant']:<8}{r['step_mb']:>10.1f}{r['total_mb']:>10.1f}"
-            f"{trimmed:>12}{xla:>13}{r['step_s']:>9.2f}"
-        )
-    print("\nratios (sinc / lora, naive / sinc):")
-    for backend in args.backends:
-        by = {r["variant"]: r for r in rows if r["backend"] == backend}
-        if "sinc" not in by:
-            continue
-        parts = []
-        labels = (
-            ("step_mb", "step mem"),
-            ("total_mb", "total mem"),
-            ("trimmed_mb", "trimmed"),
-            ("xla_temp_mb", "XLA temp"),
-            ("step_s", "time"),
-        )
-        for key, label in labels:
-            if by["sinc"][key] is None:
-                continue
-            text = label
-            if "lora" in by:
-                text += f" {by['sinc'][key] / by['lora'][key]:.2f}x"
-            if "naive" in by:
-                text += f" / {by['naive'][key] / by['sinc'][key]:.1f}x"
-            parts.append(text)
-        print(f"  {backend:<11}" + ",  ".join(parts))
-        report_ratios(backend, by, args.plain_malloc)
-
-
-def report_ratios(backend, by, plain_malloc):
-    """`RESULT` lines for `run_all.py`: memory (not with `--plain-malloc`,
-    where it is allocator-dependent) and step time."""
-    mode = " (--plain-malloc)" if plain_malloc else " (glibc mmap mode)"
-    name = "bench_sinc_memory"
-    if not plain_malloc:
-        labels = (
-            ("total_mb", "peak memory (total)"),
-            ("trimmed_mb", "peak memory (total, heap trimmed)"),
-            ("xla_temp_mb", "XLA temp memory"),
-        )
-        for key, label in labels:
-            if by["sinc"][key] is None:
-                continue
-            if "lora" in by:
-                report_ratio(name, backend, f"{label} sinc/lora", by["sinc"][key] / by["lora"][key], "<= 1.3")
-            if "naive" in by:
-                report_ratio(name, backend, f"{label} naive/sinc", by["naive"][key] / by["sinc"][key], "")
-    if "lora" in by:
-        report_ratio(name, backend, "step time sinc/lora" + mode, by["sinc"]["step_s"] / by["lora"]["step_s"], "")
-    if "naive" in by:
-        report_ratio(name, backend, "step time naive/sinc" + mode, by["naive"]["step_s"] / by["sinc"]["step_s"], "")
+def run_worker(backend, flags, env_extra):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **env_extra)
+    out = subprocess.run([sys.executable, __file__, *flags], env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        print(f"  {backend} {flags[-1]} failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", nargs="+", default=["jax", "torch"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument(
-        "--pairs",
-        type=int,
-        default=1,
-        help="stacked up/down pairs (2 adapted layers each); more pairs show the "
-        "per-layer cost without the fixed one (jax's compilation leftovers)",
-    )
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--grid-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument(
-        "--plain-malloc",
-        action="store_true",
-        help="keep glibc's default allocator settings: step times without the "
-        "mmap-every-allocation cost (which slows torch eager, many allocations, "
-        "several-fold); the memory columns are then allocator-dependent",
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
+    parser.add_argument("--mode", choices=("both", "time", "memory"), default="both")
+    for flag, default in (("batch", 4), ("seq", 128), ("hidden", 1024), ("intermediate", 4096), ("pairs", 1), ("rank", 8), ("grid-size", 50), ("steps", 2), ("rounds", 7)):
+        parser.add_argument(f"--{flag}", type=int, default=default)
+    parser.add_argument("--variants", nargs="+", choices=("lora", "sinc", "naive"), default=["lora", "sinc"])
+    parser.add_argument("--tf-graph", action="store_true", help="tensorflow without XLA (plain tf.function)")
+    parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
-    else:
-        run_all(args)
+        return time_worker(args) if args.worker == "time" else memory_worker(args)
+    sizes = ("batch", "seq", "hidden", "intermediate", "pairs", "rank", "grid_size", "steps", "rounds")
+    common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in sizes] + ["--tf-graph"] * args.tf_graph
+    print(
+        f"{args.pairs} x (kernels {args.hidden}x{args.intermediate}, {args.intermediate}x{args.hidden}), batch "
+        f"{args.batch} x seq {args.seq}, rank {args.rank}, grid {args.grid_size}, one thread; load {os.getloadavg()}"
+    )
+    for backend in args.backends:
+        if args.mode in ("both", "time"):
+            timed_variants = [v for v in args.variants if v != "naive"]
+            r = run_worker(backend, common + ["--variants", *timed_variants, "--worker=time"], ONE_THREAD)
+            if r:
+                t = r["times"]
+                cells = "  ".join(f"{v} {t[v]['cpu_ms']:.0f} ms cpu / {t[v]['wall_ms']:.0f} wall" for v in t)
+                print(f"{backend:<11} time ({args.rounds} interleaved rounds, medians): {cells}; load {r['load'][0]} -> {r['load'][1]}")
+                if "lora" in t and "sinc" in t:
+                    ratio = t["sinc"]["cpu_ms"] / t["lora"]["cpu_ms"]
+                    print(f"{backend:<11} sinc/lora step time {ratio:.2f} (wall {t['sinc']['wall_ms'] / t['lora']['wall_ms']:.2f})")
+                    report_ratio("bench_sinc_memory", backend, "step time sinc/lora (CPU, 1 thread)", ratio, "<= 2.0")
+        if args.mode in ("both", "memory"):
+            env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            mem = {v: run_worker(backend, common + [f"--variant={v}", "--worker=memory"], env) for v in args.variants}
+            print(f"{backend:<11} memory MB (total / trimmed / XLA temp): " + "  ".join(
+                f"{v} " + " / ".join("-" if m.get(k) is None else f"{m[k]:.0f}" for k in ("total_mb", "trimmed_mb", "xla_temp_mb"))
+                for v, m in mem.items() if m))
+            if mem.get("lora") and mem.get("sinc"):
+                labels = (("total_mb", "peak memory (total)"), ("trimmed_mb", "peak memory (total, heap trimmed)"), ("xla_temp_mb", "XLA temp memory"))
+                for key, label in labels:
+                    if mem["sinc"][key] is not None:
+                        ratio = mem["sinc"][key] / mem["lora"][key]
+                        print(f"{backend:<11} sinc/lora {label} {ratio:.2f}")
+                        report_ratio("bench_sinc_memory", backend, f"{label} sinc/lora", ratio, "<= 1.3")
 
 
 if __name__ == "__main__":

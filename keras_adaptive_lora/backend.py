@@ -3,10 +3,10 @@
 
 The torch and tensorflow helpers import their backend lazily and raise a
 clear error on any other backend. The block-wise loop machinery and the
-elementwise `sin`/`cos` used by SincLoRA (`methods/sinc/`) are here because
-the fastest and memory-safe way to run them differs per backend: a Python
-loop on eager torch, a sequential while loop on tensorflow graphs, an
-in-place `fori_loop` on jax (see `blocked`).
+per-bin sums used by SincLoRA (`methods/sinc/`) are here because the fastest
+and memory-safe way to run them differs per backend: a Python loop writing
+in place on eager torch, a sequential while loop on tensorflow graphs, an
+in-place `fori_loop` on jax (see `blocked`, `bin_sums`).
 
 `torch_data_parallel`: multi-process data-parallel training of a Keras model
 on the torch backend with `torch.nn.parallel.DistributedDataParallel` and a
@@ -151,18 +151,9 @@ def torch_data_parallel(model, **ddp_kwargs):
 # Block-wise loops (SincLoRA's memory-safe elementwise work)
 # --------------------------------------------------------------------------
 #: Elementwise work on a `(d_in, d_out)` matrix runs on row blocks of about
-#: this many entries (1 MiB in float32), and every `(chunk, entries)`
-#: temporary of the grid sum has at most this many entries: temporaries are
-#: block-sized, not kernel-sized, and stay in cache.
+#: this many entries (1 MiB in float32): temporaries are block-sized, not
+#: kernel-sized, and stay in cache.
 BLOCK_ELEMENTS = 1 << 18
-#: On jax, up to this many grid points are evaluated together (one
-#: `(chunk, entries)` tensor; the sums over them are small matmuls, which XLA
-#: runs far faster than one fused loop per grid point with full reductions).
-#: Eager backends (torch, and tensorflow's executor) gain nothing from it:
-#: one grid point at a time on whole blocks there.
-_GRID_CHUNK = 10
-
-
 
 
 def take_block(x, axis, start, length):
@@ -226,12 +217,6 @@ class BlockOutput:
             piece = ops.add(ops.slice(full, starts, piece.shape), piece)
         return ops.slice_update(full, starts, piece)
 
-    def with_init(self, start, piece):
-        """The piece plus the matching block of `init` (eager assembly)."""
-        if self.init is None:
-            return piece
-        return ops.add(take_block(self.init, self.axis, start * self.unit, int(piece.shape[self.axis])), piece)
-
 
 def _even_step(total, step):
     """A divisor of `total` in `[step / 2, step]` if there is one (no shorter
@@ -252,8 +237,8 @@ def blocked(total, step, body, outputs=(), sums=()):
     one copy of `body` whatever the number of blocks (tensorflow keeps tens
     of kB per graph node for the life of the function, so unrolling the
     blocks would cost memory proportional to the kernel size). On torch
-    (eager) a Python loop collects the pieces and concatenates them once
-    (`slice_update` copies the whole tensor there).
+    (eager) a Python loop adds each piece in place into one preallocated
+    output (`slice_update` or a concatenation would copy the whole output).
 
     Returns:
         `(outputs, sums)`, two tuples of tensors.
@@ -278,38 +263,43 @@ def blocked(total, step, body, outputs=(), sums=()):
             carry = run(count * step, tail, carry)
         fulls, totals = carry
         return tuple(o.final(f) for o, f in zip(outputs, fulls)), totals
-    collected = [[] for _ in outputs]
+    fulls = [o.initial().clone() if o.init is not None else o.initial() for o in outputs]
     totals = [None] * len(sums)
     for start in range(0, total, step):
         pieces, partials = body(start, min(step, total - start))
-        for output, pieces_so_far, piece in zip(outputs, collected, pieces):
-            pieces_so_far.append(output.with_init(start, piece))
+        for output, full, piece in zip(outputs, fulls, pieces):
+            full.narrow(output.axis, start * output.unit, int(piece.shape[output.axis])).add_(piece)
         totals = [p if t is None else ops.add(t, p) for t, p in zip(totals, partials)]
         del pieces, partials
-    fulls = []
-    for output, pieces in zip(outputs, collected):
-        fulls.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=output.axis))
-        pieces.clear()
     return tuple(fulls), tuple(totals)
 
 
-def loop(count, body, carry):
-    """`body(j, carry)` for `j` in `range(count)`; no loop at all for one chunk."""
-    return body(0, carry) if count == 1 else sequential_fori_loop(0, count, body, carry)
+def bin_sums(columns, index, bins):
+    """`out[j, c] = Σ columns[c][i] over index[i] = j`, `j < bins`: 1-D float32
+    `columns`, an int32 `index` in range; `(bins, len(columns))`.
+
+    `bincount` per column on torch (keras's torch `segment_sum` repeats the
+    index and masks it, ~10x slower); one `segment_sum` of the stacked
+    columns elsewhere (jax's `bincount` cannot be traced; tensorflow's has a
+    data-dependent size that XLA rejects).
+    """
+    if keras.backend.backend() == "torch":
+        return ops.stack([ops.bincount(index, weights=c, minlength=bins) for c in columns], axis=1)
+    return ops.segment_sum(ops.stack(columns, axis=1), index, num_segments=bins)
 
 
-def grid_chunk(size):
-    """Grid points per chunk: up to `_GRID_CHUNK` on jax (evenly split), else 1."""
-    if keras.backend.backend() != "jax":
-        return 1
-    count = -(-size // _GRID_CHUNK)
-    return -(-size // count)
+def take_rows(table, index):
+    """`table[index]` for a small 2-D `table` and an int32 `index` of any shape.
 
+    On torch an embedding lookup with the int32 index as it is (keras's torch
+    `take` first converts the index to int64 and remaps negative entries:
+    three more passes over it); elsewhere `keras.ops.take`.
+    """
+    if keras.backend.backend() == "torch":
+        import torch  # the torch backend guarantees it
 
-def merges_in_place():
-    """Whether a loop can write kernel blocks in place into its carry (jax:
-    XLA updates a `fori_loop` carry in place; elsewhere each write copies)."""
-    return keras.backend.backend() == "jax"
+        return torch.nn.functional.embedding(index, table)
+    return ops.take(table, index, axis=0)
 
 
 def orders_after_input():
@@ -319,74 +309,3 @@ def orders_after_input():
     the start of the step, keeping all merged kernels alive at once. Eager
     torch runs in program order."""
     return keras.backend.backend() != "torch"
-
-
-def matmul_transposed(upstream, kernel):
-    """`upstream · kernelᵀ` for a 2-D `kernel` (contracting the last axes).
-
-    On jax a `tensordot` that contracts in place: XLA folds `transpose(W)` of
-    a constant kernel (one closed over by a jitted function) into a second
-    kernel-sized constant.
-    """
-    if keras.backend.backend() == "jax":
-        return keras.ops.tensordot(upstream, kernel, axes=([len(upstream.shape) - 1], [1]))
-    return keras.ops.matmul(upstream, keras.ops.transpose(kernel))
-
-
-# --------------------------------------------------------------------------
-# sin and cos
-# --------------------------------------------------------------------------
-#: π/2 split in three (Cody-Waite) for the argument reduction of `sin_cos`:
-#: the first two parts have few significant bits, so `n · part` is exact for
-#: |n| < 2^15 (|t| < ~51000).
-_HALF_PI_PARTS = (1.5703125, 4.837512969970703125e-4, 7.54978995489188216e-8)
-#: Minimax polynomials on [-π/4, π/4] (Cephes `sinf`, `cosf`):
-#: sin r = r + r^3 (S0 + r^2 (S1 + r^2 S2)),
-#: cos r = 1 - r^2/2 + r^4 (C0 + r^2 (C1 + r^2 C2)).
-_SIN_COEFFICIENTS = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
-_COS_COEFFICIENTS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
-
-
-def sin_cos_polynomial(t):
-    """`(sin t, cos t)` of a float32 tensor from multiplies, adds and selects.
-
-    Reduces `t = n π/2 + r` with `|r| <= π/4` (three-part π/2, exact for
-    `|t| <` about 51000) and evaluates minimax polynomials (Cephes
-    `sinf`/`cosf`); absolute error about 1e-7, like float32 `sin`/`cos`.
-    """
-    n = ops.round(ops.multiply(t, 2.0 / math.pi))
-    r = t
-    for part in _HALF_PI_PARTS:
-        r = ops.subtract(r, ops.multiply(n, part))
-    r2 = ops.square(r)
-    s0, s1, s2 = _SIN_COEFFICIENTS
-    c0, c1, c2 = _COS_COEFFICIENTS
-    sin_r = r + r * r2 * (s0 + r2 * (s1 + r2 * s2))
-    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (c0 + r2 * (c1 + r2 * c2))
-    # Quadrant n mod 4: sin t = (sin r, cos r, -sin r, -cos r)[n mod 4],
-    # cos t = (cos r, -sin r, -cos r, sin r)[n mod 4].
-    quadrant = ops.subtract(n, ops.multiply(ops.floor(ops.multiply(n, 0.25)), 4.0))
-    odd = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 3.0))
-    sin_t = ops.where(odd, cos_r, sin_r)
-    cos_t = ops.where(odd, sin_r, cos_r)
-    sin_t = ops.where(ops.greater_equal(quadrant, 2.0), ops.negative(sin_t), sin_t)
-    flip_cos = ops.logical_or(ops.equal(quadrant, 1.0), ops.equal(quadrant, 2.0))
-    cos_t = ops.where(flip_cos, ops.negative(cos_t), cos_t)
-    return sin_t, cos_t
-
-
-def sin_cos(t, with_cos=True):
-    """`(sin t, cos t)` (`cos t` is `None` unless `with_cos`).
-
-    On jax, `sin_cos_polynomial`: XLA fuses its ~30 multiplies and adds into
-    the loop body, while XLA's CPU `sin`/`cos` (jax 0.10) cost about 10x the
-    whole polynomial (measured: 9 ns against 0.8 ns per element). Elsewhere
-    `ops.sin`/`ops.cos`, one vectorized kernel each (the polynomial would be
-    ~30 eager ops).
-    """
-    if keras.backend.backend() == "jax":
-        sin_t, cos_t = sin_cos_polynomial(t)
-        return sin_t, (cos_t if with_cos else None)
-    return ops.sin(t), (ops.cos(t) if with_cos else None)
-
-

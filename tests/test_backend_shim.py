@@ -1,4 +1,5 @@
-"""`keras_adaptive_lora.backend.sequential_fori_loop` on every backend.
+"""`keras_adaptive_lora.backend`'s loops, block assembly, per-bin sums and row
+lookups on every backend, against numpy.
 
 (`torch_data_parallel` is tested in test_distribution.py.)
 """
@@ -9,6 +10,7 @@ import pytest
 from keras import ops
 
 from conftest import to_numpy
+from keras_adaptive_lora import backend
 from keras_adaptive_lora.backend import sequential_fori_loop
 
 BACKEND = keras.backend.backend()
@@ -53,3 +55,45 @@ def test_tensorflow_graph_loop_runs_one_iteration_at_a_time():
     assert loops[0].get_attr("parallel_iterations") == 1
     total, _ = graph_fn()
     assert float(total) == 0 + 1 + 4 + 9
+
+
+def test_bin_sums_match_numpy():
+    # Sums of three weight columns per bin; bins 0 and 6 empty, bin 3 many.
+    rng = np.random.default_rng(0)
+    index = np.concatenate([rng.integers(1, 6, 40), np.full(25, 3)]).astype("int32")
+    columns = [rng.normal(size=index.size).astype("float32") for _ in range(3)]
+    got = to_numpy(backend.bin_sums([ops.convert_to_tensor(c) for c in columns], ops.convert_to_tensor(index), 7))
+    want = np.zeros((7, 3))
+    for c, column in enumerate(columns):
+        np.add.at(want[:, c], index, column.astype(np.float64))
+    assert got.shape == (7, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_take_rows_matches_numpy():
+    table = np.arange(20, dtype="float32").reshape(5, 4)
+    index = np.array([[4, 0, 2], [1, 1, 3]], "int32")
+    got = to_numpy(backend.take_rows(ops.convert_to_tensor(table), ops.convert_to_tensor(index)))
+    np.testing.assert_array_equal(got, table[index])
+
+
+def test_blocked_assembles_pieces_with_a_shorter_last_block():
+    # 7 positions in blocks of 3 (no divisor of 7 in [2, 3]): 3 + 3 + 1.
+    # Output 1: rows, 2 per position, added onto an initial value (which must
+    # stay unchanged); output 2: pieces along axis 1; and a sum over the blocks.
+    init = np.arange(28, dtype="float32").reshape(14, 2)
+    init_tensor = ops.convert_to_tensor(init)
+    source = np.random.default_rng(0).normal(size=(3, 7)).astype("float32")
+    tensor = ops.convert_to_tensor(source)
+
+    def body(start, length):
+        piece = backend.take_block(tensor, 1, start, length)
+        rows = ops.reshape(ops.repeat(ops.transpose(piece), 2, axis=0)[:, :2], (2 * length, 2))
+        return (rows, ops.multiply(piece, 2.0)), (ops.sum(piece, axis=1),)
+
+    outputs = (backend.BlockOutput((14, 2), 0, unit=2, init=init_tensor), backend.BlockOutput((3, 7), 1))
+    (rows, doubled), (total,) = backend.blocked(7, 3, body, outputs, ((3,),))
+    np.testing.assert_allclose(to_numpy(rows), init + np.repeat(source.T, 2, axis=0)[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(doubled), 2 * source, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(total), source.sum(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(to_numpy(init_tensor), init)

@@ -105,7 +105,9 @@ def _tiny_gemma_preset(directory):
     tokenizer = keras_hub.models.GemmaTokenizer(proto=proto.getvalue())
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=tokenizer.vocabulary_size(), num_layers=1, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8,
+        # Two key/value heads: keras-hub's Gemma layout map splits heads over
+        # the model axis (the README's model-parallel block, Gemma 7B's layout).
+        num_key_value_heads=2, hidden_dim=16, intermediate_dim=32, head_dim=8,
     )
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=32)
     keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(

@@ -133,10 +133,11 @@ def build_figure(rows, *, best=None, exported=True, title=""):
         # "initial→final" when ranks moved from per-layer starting ranks.
         per_layer_start = bool(r.get("schedule")) and len(set((r.get("initial_ranks") or {}).values())) > 1
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", aspect="auto")
+        middle = np.nanmean([np.nanmin(matrix), np.nanmax(matrix)])
         for (i, j), value in np.ndenumerate(matrix):
-            if np.isfinite(value):
+            if np.isfinite(value):  # dark text on the light (high) cells
                 ax.text(j, i, _cell_text(value, start[i, j], per_layer_start), ha="center",
-                        va="center", fontsize=8, color="w")
+                        va="center", fontsize=8, color="k" if value > middle else "w")
         ax.set_xticks(range(len(roles)), roles, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks], fontsize=8)
         ax.set_title(rank_map_title(r), fontsize=8)

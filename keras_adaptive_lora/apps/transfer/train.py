@@ -171,7 +171,11 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, se
     )
     total_steps = epochs * steps_per_epoch
     method_callbacks, row = [], {"method": method, "title": title(method), "seed": seed, "ranks": {}}
-    spec = method_spec(method, rank=options["rank"], seed=seed, alpha=options["alpha"], size=size)
+    # No per-spec seed: the adapters draw their inits (and SR-LoRA its
+    # sampler state) from Keras's global seed, set to `seed` above, so the
+    # spec, and the config of every adapter, is the same on every seed and
+    # the model compiled for one seed can train the next (`reuse_compiled`).
+    spec = method_spec(method, rank=options["rank"], seed=None, alpha=options["alpha"], size=size)
     if method == "linear":
         backbone.trainable = False
     elif spec is not None:

@@ -1,10 +1,5 @@
-"""LR-LoRA's adapter layer: `ΔW = s · f(A B)` with a learnable per-layer sinc
-transfer `f` (`transfer.py`), applied merged through `blockwise.py`.
-
-Memory: the forward pass forms `W + ΔW` once and runs one backbone-shaped
-einsum; the whole step is one custom-gradient op that keeps nothing
-kernel-sized for the backward pass (see `merged_projection`).
-"""
+"""LR-LoRA's adapter layer: `ΔW = s · f(A B)`, applied merged as `x (W + ΔW)` by one
+custom-gradient op over row blocks of the kernel's matrix view (`merged_projection`)."""
 
 import math
 import numbers
@@ -13,98 +8,144 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adaptive_lora._validation import check_alpha, check_positive_int
+from keras_adaptive_lora import backend
+from keras_adaptive_lora._validation import check_alpha, check_positive_int, check_seed
 from keras_adaptive_lora.core.adapter import PACKAGE, AdapterLayer
 from keras_adaptive_lora.core.kernel_view import check_rank
 from keras_adaptive_lora.methods.lora import lora_scale
-from keras_adaptive_lora.methods.sinc.blockwise import Projection, merged_projection
-from keras_adaptive_lora.methods.sinc.transfer import read, sinc_grid, sinc_transfer
+from keras_adaptive_lora.methods.sinc.transfer import cubic, locate, sinc_grid, sinc_transfer, transfer_table
 
-#: softplus(_UNIT_BANDWIDTH) = 1: the initial bandwidth logit.
-_UNIT_BANDWIDTH = math.log(math.e - 1.0)
-
-
-def check_grid_size(grid_size):
-    grid_size = check_positive_int("grid_size", grid_size)
-    if grid_size < 2:
-        raise ValueError(
-            f"`grid_size` must be at least 2 (a uniform grid on [-grid_range, "
-            f"grid_range] needs both ends), got {grid_size}."
-        )
-    return grid_size
+#: `init`: (grid shift, std of the initial `A B` entries), both in grid spacings.
+INITS = {"shifted": (0.5, 0.0), "random": (0.0, 1.0), "paper": (0.0, 0.0)}
 
 
-def check_grid_range(grid_range):
-    if isinstance(grid_range, bool) or not isinstance(grid_range, numbers.Real) or not (
-        math.isfinite(grid_range) and grid_range > 0
-    ):
-        raise ValueError(f"`grid_range` must be a positive finite number, got {grid_range!r}.")
-    return float(grid_range)
+class MatrixIO:
+    """A layer's input (`side=0`) and output (`side=1`) as rows `(tokens, d_in | d_out)`."""
+
+    def __init__(self, view, layer_name):
+        self.view, equation = view, view.equation or "...i,io->...o"
+        inputs, out = equation.replace(" ", "").split("->")
+        lhs, ker = inputs.split(",")
+        lost = sorted(set(lhs) - set(out) - set(ker) - {"."})
+        if lost:
+            raise ValueError(
+                f"Layer '{layer_name}': equation '{equation}' sums over input axes {lost} that are in "
+                "neither the kernel nor the output; SincLoRA's merged-weight backward pass does not "
+                "support such equations. Exclude this layer from the targets."
+            )
+        mid = "".join(c for c in lhs if c == "." or c in out)
+        self.spec = (lhs, out, mid) + tuple("".join(ker[i] for i in a) for a in (view.in_axes, view.out_axes))
+
+    def rows(self, x, side):
+        """`(rows, token axes' shape)`."""
+        source, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
+        if source != mid + letters:
+            x = ops.einsum(f"{source}->{mid}{letters}", x)
+        return ops.reshape(x, (-1, (self.view.d_in, self.view.d_out)[side])), tuple(ops.shape(x)[: len(x.shape) - len(letters)])
+
+    def unrows(self, rows, tokens, side):
+        target, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
+        y = ops.reshape(rows, tokens + (self.view.in_dims, self.view.out_dims)[side])
+        return y if target == mid + letters else ops.einsum(f"{mid}{letters}->{target}", y)
+
+
+def merged_projection(io, dtype, x, w_matrix, lora_a, lora_b, values, slopes, place):
+    """`x (W + f(A B))` (the scale in `f`'s tables) as one custom-gradient op.
+
+    Row blocks of the matrix view (about `backend.BLOCK_ELEMENTS` entries). The
+    forward pass writes `W_r + f(A_r B)` into one merged kernel; the backward
+    pass recomputes each block: `dL/dx_r = g (W_r + ΔW_r)ᵀ`, and `G_r = x_rᵀ g`
+    gives `dL/dA_r`, `dL/dB` through the interpolated `f'`, and the value
+    table's gradient (`Σ G t^p` per interval, `p <= 3`). Nothing kernel-sized
+    is kept between the passes or formed in the backward pass.
+    """
+    d_in, d_out, rank, size = io.view.d_in, io.view.d_out, int(lora_a.shape[1]), int(values.shape[0])
+    step = max(1, backend.BLOCK_ELEMENTS // d_out)
+
+    @ops.custom_gradient
+    def project(x, w_matrix, lora_a, lora_b, values, slopes, place):
+        scaled_b = lora_b * place[1]  # A_r (B / h) = (A_r B) / h exactly
+
+        def rows(start, length):
+            a_r = backend.take_block(lora_a, 0, start, length)
+            index, t = locate(ops.matmul(a_r, scaled_b), place, size)
+            return a_r, index, t, cubic(values, index, t)
+
+        x2, tokens = io.rows(x, 0)
+        merged = w_matrix
+        if backend.orders_after_input():  # this layer's loop waits for its input
+            merged = merged + 0.0 * ops.cast(ops.isnan(ops.sum(x2[:1, :1])), "float32")
+        output = backend.BlockOutput((d_in, d_out), 0, init=merged)
+        (merged,), _ = backend.blocked(d_in, step, lambda start, length: ((rows(start, length)[3],), ()), (output,))
+        y = io.unrows(ops.matmul(x2, ops.cast(merged, dtype)), tokens, 1)
+        del merged
+
+        def grad(*args, upstream=None):
+            g2, _ = io.rows(args[0] if upstream is None else upstream, 1)
+
+            def block(start, length):
+                a_r, index, t, value = rows(start, length)
+                merged_r = ops.cast(backend.take_block(w_matrix, 0, start, length) + value, dtype)
+                g_r = ops.cast(ops.matmul(ops.transpose(backend.take_block(x2, 1, start, length)), g2), "float32")
+                grad_product = g_r * cubic(slopes, index, t)
+                g_r, t = ops.reshape(g_r, (-1,)), ops.reshape(t, (-1,))
+                g_t = g_r * t
+                g_t2 = g_t * t
+                moments = backend.bin_sums([g_r, g_t, g_t2, g_t2 * t], ops.reshape(index, (-1,)), size)
+                pieces = (ops.matmul(g2, ops.transpose(merged_r)), ops.matmul(grad_product, ops.transpose(lora_b)))
+                return pieces, (ops.matmul(ops.transpose(a_r), grad_product), moments)
+
+            outputs = (backend.BlockOutput(None, 1, like=x2), backend.BlockOutput((d_in, rank), 0))
+            (grad_x, grad_a), (grad_b, grad_values) = backend.blocked(d_in, step, block, outputs, ((rank, d_out), (size, 4)))
+            return io.unrows(grad_x, tokens, 0), None, grad_a, grad_b, grad_values, ops.zeros_like(slopes), None
+
+        return y, grad
+
+    return project(x, w_matrix, lora_a, lora_b, values, slopes, place)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SincLoRAAdapter(AdapterLayer):
-    """A frozen projection plus the LR-LoRA update `ΔW = s · f(A B)`.
+    """A frozen projection plus the LR-LoRA update `ΔW = s · f(A B)` (see `SincLoRA`).
 
-    `A (d_in, r)` is Kaiming-uniform and `B (r, d_out)` zeros, as in LoRA;
-    `f(x) = Σ_k a_k sinc(b_k (x − g_k))` is applied elementwise to the
-    `(d_in, d_out)` product, with per-layer trainable amplitudes `a` (init 0)
-    and bandwidths `b = softplus(β)` (init `b = 1`) on a fixed uniform grid `g`
-    of `grid_size` points on `[-grid_range, grid_range]`. `s = alpha / r`.
-    At initialization `ΔW = 0`; the amplitudes get a nonzero gradient at the
-    first step. `A` and `B` get exactly zero gradient while `A B = 0` (the
-    symmetric grid keeps `f` even, so `f'(0) = 0`); they leave 0 through
-    float round-off (measured numbers in the README).
-
-    The forward pass uses the merged weight: `y = act(x (W + ΔW) + bias)`,
-    one einsum in the layer's own axes. The update is formed in float32 (all
-    adapter variables are float32) and the merged kernel is cast to the
-    layer's compute dtype for the einsum. The backward pass recomputes
-    `A B`, `f` and the merged kernel from the small parameters instead of
-    keeping them, and accumulates the grid sums one grid point at a time.
-
-    On a base quantized with Keras's int8 (`model.quantize("int8")`) the
-    kernel is never dequantized per step: the base runs its own int8 call and
-    the adapter adds `x ΔW`, with `ΔW` formed once per call.
+    `f(x) = Σ_k a_k sinc(b_k (x − g_k))` elementwise on the `(d_in, d_out)`
+    product; amplitudes `a` (init 0, so `ΔW = 0`), bandwidths `b = softplus(β)`
+    (init 1), a fixed grid `g`, `s = alpha / r`, `A (d_in, r)` Kaiming-uniform;
+    `init` sets the grid and `B`. The forward pass uses the merged weight
+    `act(x (W + ΔW) + bias)`, formed in float32 and cast once, and keeps nothing
+    kernel-sized for the backward pass (`merged_projection`); `f` comes from a
+    per-step table over `|A B| <= max_i |A_i| max_j |B_j|` (`transfer.py`). On a
+    Keras int8 base the base runs its own int8 call and the adapter adds `x ΔW`.
 
     Args:
         layer: the built `Dense`/`EinsumDense` to wrap.
-        rank: the rank `r` of the factors `A`, `B`.
-        alpha: scaling numerator, `s = alpha / r`. Defaults to `rank` (`s = 1`).
-        grid_size: number of grid points `K`. Defaults to 50.
-        grid_range: the grid spans `[-grid_range, grid_range]`. Defaults to 3.0.
+        rank, alpha, grid_size, grid_range, init, seed: as `SincLoRA`'s.
     """
 
-    def __init__(self, layer, *, rank, alpha=None, grid_size=50, grid_range=3.0, **kwargs):
+    def __init__(self, layer, *, rank, alpha=None, grid_size=50, grid_range=3.0, init="shifted", seed=None, **kwargs):
         self.lora_rank = check_positive_int("rank", rank)
         self.alpha = check_alpha(alpha) if alpha is not None else float(self.lora_rank)
-        self.grid_size = check_grid_size(grid_size)
-        self.grid_range = check_grid_range(grid_range)
-        self.grid = sinc_grid(self.grid_size, self.grid_range)
+        self.grid_size, self.grid_range = check_grid_size(grid_size), check_grid_range(grid_range)
+        self.init, self.seed = check_init(init), check_seed(seed)
+        self.grid = sinc_grid(self.grid_size, self.grid_range, INITS[self.init][0])
         check_rank(layer, self.lora_rank)
         super().__init__(layer, **kwargs)
-        self._projection = Projection(self.view, layer.name)
+        self._io = MatrixIO(self.view, layer.name)
 
     @property
     def scale(self):
         return lora_scale(self.alpha, self.lora_rank)
 
-    def _float32_weight(self, name, shape, initializer):
-        # autocast=False: read in float32 inside `call` under mixed precision
-        # too (the update is formed in float32, then cast once).
-        return self.add_weight(
-            name=name, shape=shape, initializer=initializer, dtype="float32", autocast=False
-        )
-
     def build_adapter(self):
-        self.lora_a = self._float32_weight(
-            "lora_a", (self.d_in, self.lora_rank), keras.initializers.HeUniform()
-        )
-        self.lora_b = self._float32_weight("lora_b", (self.lora_rank, self.d_out), "zeros")
-        self.amplitudes = self._float32_weight("amplitudes", (self.grid_size,), "zeros")
-        self.bandwidth_logits = self._float32_weight(
-            "bandwidth_logits", (self.grid_size,), keras.initializers.Constant(_UNIT_BANDWIDTH)
-        )
+        spread = INITS[self.init][1] * 2.0 * self.grid_range / (self.grid_size - 1)
+        b_std = spread * math.sqrt(self.d_in / (2.0 * self.lora_rank))  # Var(A) = 2 / d_in
+        for name, shape, initializer in (
+            ("lora_a", (self.d_in, self.lora_rank), keras.initializers.HeUniform(seed=self.seed)),
+            ("lora_b", (self.lora_rank, self.d_out), keras.initializers.RandomNormal(stddev=b_std, seed=self.seed) if spread else "zeros"),
+            ("amplitudes", (self.grid_size,), "zeros"),
+            ("bandwidth_logits", (self.grid_size,), keras.initializers.Constant(math.log(math.e - 1.0))),
+        ):
+            setattr(self, name, self.add_adapter_weight(name, shape, initializer, autocast=False))
 
     def bandwidths(self):
         """`b = softplus(β)`, float32, shape `(grid_size,)`."""
@@ -112,28 +153,17 @@ class SincLoRAAdapter(AdapterLayer):
 
     def delta_kernel(self):
         product = ops.matmul(self.lora_a, self.lora_b)
-        return self.scale * sinc_transfer(product, self.amplitudes, self.bandwidths(), self.grid)
+        return sinc_transfer(product, self.scale * self.amplitudes, self.bandwidths(), self.grid)
 
     forward_merged = True
 
     def merged_output(self, inputs, training=None):
-        """`x (W + ΔW)` (no bias): `merged_projection`, one custom-gradient op.
-
-        On an int8 base the base class takes `base(x) + x ΔW` instead, with
-        `ΔW` formed once per call: the kernel is never dequantized per step.
-        """
-        return merged_projection(
-            self._projection,
-            self.grid,
-            self.scale,
-            self.compute_dtype,
-            inputs,
-            read(self.wrapped.kernel),
-            read(self.lora_a),
-            read(self.lora_b),
-            read(self.amplitudes),
-            self.bandwidths(),
-        )
+        """`x (W + ΔW)` (no bias), one custom-gradient op (`merged_projection`)."""
+        lora_a, lora_b = ops.cast(self.lora_a, "float32"), ops.cast(self.lora_b, "float32")
+        bound = ops.sqrt(ops.max(ops.sum(ops.square(lora_a), 1)) * ops.max(ops.sum(ops.square(lora_b), 0)))
+        tables = transfer_table(-bound, bound, self.scale * self.amplitudes, self.bandwidths(), self.grid)
+        kernel = self.view.to_matrix(ops.cast(self.wrapped.kernel, "float32"))
+        return merged_projection(self._io, self.compute_dtype, inputs, kernel, lora_a, lora_b, *tables)
 
     def rank(self):
         return self.lora_rank
@@ -159,12 +189,25 @@ class SincLoRAAdapter(AdapterLayer):
         return {name: {"lora_a": "in", "lora_b": "out"}.get(name) for name, _ in self.own_variables()}
 
     def adapter_config(self):
-        return {
-            "rank": self.lora_rank,
-            "alpha": self.alpha,
-            "grid_size": self.grid_size,
-            "grid_range": self.grid_range,
-        }
+        return {"rank": self.lora_rank, **{k: getattr(self, k) for k in ("alpha", "grid_size", "grid_range", "init", "seed")}}
+
+
+def check_grid_size(grid_size):
+    if check_positive_int("grid_size", grid_size) < 2:
+        raise ValueError(f"`grid_size` must be at least 2 (a grid on [-grid_range, grid_range] needs both ends), got {grid_size}.")
+    return grid_size
+
+
+def check_grid_range(grid_range):
+    if isinstance(grid_range, bool) or not isinstance(grid_range, numbers.Real) or not (math.isfinite(grid_range) and grid_range > 0):
+        raise ValueError(f"`grid_range` must be a positive finite number, got {grid_range!r}.")
+    return float(grid_range)
+
+
+def check_init(init):
+    if init not in INITS:
+        raise ValueError(f"`init` must be one of {sorted(INITS)}, got {init!r}.")
+    return init
 
 
 def truncated_factors(matrix, rank):

@@ -1,10 +1,13 @@
-"""The LR-LoRA transfer function `f(x) = Σ_k a_k sinc(b_k (x − g_k))`,
-elementwise, memory-safe and differentiable (`sinc_transfer`).
+"""The LR-LoRA transfer `f(x) = Σ_k a_k sinc(b_k (x − g_k))` in O(1) per entry.
 
-Normalized `sinc(z) = sin(πz) / (πz)`, `sinc(0) = 1`. The sum is accumulated
-a few grid points at a time on blocks of `x` (`keras_adaptive_lora.backend.
-blocked`), and the backward pass recomputes the terms: no `(K,) + x.shape`
-tensor is ever formed.
+Each step tabulates `f`, `f'`, `f''` at uniform nodes over the data's range (a
+`(T, K)` computation, `transfer_table`); an entry is a cubic Hermite
+interpolation: the value from the `f`, `f'` nodes, the slope `f'` from its own
+`f'`, `f''` nodes (differentiating the value's cubic loses float32 accuracy).
+The node spacing `h` is a power of two with `π max(b) h <= _RESOLUTION` and
+the nodes are multiples of `h`, so `t = x/h − floor(x/h)` is exact. The table
+is filled `CHUNK` intervals at a time, as many as the data needs at that `h`
+(its cost follows the data); past `TABLE_ROWS` intervals `h` grows instead.
 """
 
 import math
@@ -14,213 +17,135 @@ from keras import ops
 
 from keras_adaptive_lora import backend
 
-#: Below this |π z| the sinc value and derivative come from their Taylor series
-#: (the closed form of the derivative cancels in float32 near 0).
-_TAYLOR_BELOW = 0.05
-#: softplus(_UNIT_BANDWIDTH) = 1: the initial bandwidth logit.
-_UNIT_BANDWIDTH = math.log(math.e - 1.0)
+#: Table rows (intervals), filled `CHUNK` at a time.
+TABLE_ROWS, CHUNK = 4096, 64
+#: `π max(b) h` in (0.05, 0.1]: interpolation error under float32's (docs/methods.md).
+_RESOLUTION = 0.1
+#: Below this |t| the sinc derivatives come from their Taylor series.
+_TAYLOR_BELOW = 0.5
 
 
-def sinc_grid(grid_size, grid_range):
-    """The fixed grid: `grid_size` uniformly spaced points on `[-grid_range, grid_range]`."""
-    return [float(g) for g in np.linspace(-grid_range, grid_range, grid_size)]
+def sinc_grid(grid_size, grid_range, shift=0.0):
+    """`grid_size` uniform points on `[-grid_range, grid_range]`, moved by `shift` spacings."""
+    spacing = 2.0 * grid_range / (grid_size - 1)
+    return [float(g) + shift * spacing for g in np.linspace(-grid_range, grid_range, grid_size)]
 
 
-class Coefficients:
-    """The per-grid-point coefficients, padded to whole chunks, `(count, chunk)` each.
+def sinc_derivatives(t):
+    """`sin(t)/t` and its first two derivatives (Taylor series near 0, where the closed forms cancel)."""
+    small = ops.less(ops.abs(t), _TAYLOR_BELOW)
+    safe = ops.where(small, 1.0, t)
+    inverse = 1.0 / safe
+    v = ops.sin(safe) * inverse
+    v1 = (ops.cos(safe) - v) * inverse
+    s = ops.square(t)
+    series = (
+        1.0 + s * (-1 / 6 + s * (1 / 120 + s * (-1 / 5040 + s / 362880))),
+        t * (-1 / 3 + s * (1 / 30 + s * (-1 / 840 + s / 45360))),
+        -1 / 3 + s * (1 / 10 + s * (-1 / 168 + s / 6480)),
+    )
+    return tuple(ops.where(small, a, b) for a, b in zip(series, (v, v1, -v - 2.0 * v1 * inverse)))
 
-    Padding points have amplitude 0 (they add nothing; their gradients are
-    dropped). `amplitudes` may carry the update's scale (folded in).
+
+def hermite(y, slope, h):
+    """Per interval, the cubic in `t ∈ [0, 1]` through `y` with slopes `slope` at its nodes."""
+    y0, y1, m0, m1 = y[:-1], y[1:], h * slope[:-1], h * slope[1:]
+    return ops.stack([y0, m0, 3.0 * (y1 - y0) - 2.0 * m0 - m1, 2.0 * (y0 - y1) + m0 + m1], axis=1)
+
+
+def transfer_table(low, high, amplitudes, bandwidths, grid):
+    """`(values, slopes, place)`: the `(TABLE_ROWS, 4)` cubics of `f` and of `f'` per
+    interval over `[low, high]` (unfilled rows zero), and `place = (first, 1/h,
+    chunks)`: interval `i` spans `[(first + i) h, (first + i + 1) h]`.
+
+    Differentiable in `amplitudes` and `bandwidths` through `values` (the
+    slopes carry no gradient) by a custom gradient that recomputes the
+    `(T, K)` terms chunk by chunk instead of keeping them.
     """
+    grid = ops.convert_to_tensor(np.asarray(grid, "float32"))
+    low, high, b_max = (ops.stop_gradient(v) for v in (low, high, ops.max(bandwidths)))
+    h = ops.power(2.0, ops.floor(ops.log2(_RESOLUTION / (math.pi * b_max))))
+    h = ops.maximum(h, ops.power(2.0, ops.ceil(ops.log2(ops.maximum((high - low) / (TABLE_ROWS - 3), 1e-30)))))
+    first = ops.floor(low / h)
+    needed = ops.floor(high / h) - first + 2.0  # a spare interval for round-off
+    place = ops.stop_gradient(ops.stack([first, 1.0 / h, ops.minimum(ops.ceil(needed / CHUNK), TABLE_ROWS // CHUNK)]))
 
-    def __init__(self, grid, amplitudes, bandwidths):
-        self.size = len(grid)
-        self.chunk = backend.grid_chunk(self.size)
-        self.count = -(-self.size // self.chunk)
-        self.amplitudes = amplitudes
-        pi_b = ops.multiply(bandwidths, math.pi)
-        self.grid = self._chunked(ops.convert_to_tensor(np.asarray(grid, "float32")), 0.0)
-        self.pi_b = self._chunked(pi_b, math.pi)
-        self.amp = self._chunked(amplitudes, 0.0)
-        self.slope = self._chunked(ops.multiply(pi_b, amplitudes), 0.0)
+    def terms(chunk, bandwidths):
+        nodes = place[0] + ops.cast(chunk * CHUNK, "float32") + ops.arange(CHUNK + 1, dtype="float32")
+        diff = ops.expand_dims(nodes / place[1], 1) - grid
+        return diff, math.pi * bandwidths, sinc_derivatives(diff * (math.pi * bandwidths))
 
-    def _chunked(self, values, fill):
-        pad = self.chunk * self.count - self.size
-        if pad:
-            values = ops.concatenate([values, ops.full((pad,), fill, "float32")])
-        return ops.reshape(values, (self.count, self.chunk))
+    @ops.custom_gradient
+    def tables(amplitudes, bandwidths):
+        count = ops.clip(ops.cast(place[2], "int32"), 1, TABLE_ROWS // CHUNK)  # bounded, NaN or not
+        out = backend.BlockOutput((TABLE_ROWS, 8), 0)
 
-    def column(self, coefficients, j):
-        """Chunk `j` of `coefficients` as a `(chunk, 1)` column."""
-        return ops.reshape(ops.take(coefficients, j, axis=0), (self.chunk, 1))
+        def fill(chunk, rows):
+            _, pi_b, derivatives = terms(chunk, bandwidths)
+            f, f1, f2 = (ops.matmul(d, amplitudes * pi_b**p) for p, d in enumerate(derivatives))
+            piece = ops.concatenate([hermite(f, f1, 1.0 / place[1]), hermite(f1, f2, 1.0 / place[1])], axis=1)
+            return out.update(rows, chunk * CHUNK, piece)
 
-    def combine(self, coefficients, j, terms):
-        """`Σ_k c_k terms_k` over chunk `j`: `(chunk, m)` terms -> `(1, m)`."""
-        if self.chunk == 1:
-            return ops.multiply(self.column(coefficients, j), terms)
-        row = ops.reshape(ops.take(coefficients, j, axis=0), (1, self.chunk))
-        return ops.matmul(row, terms)
+        def grad(*args, upstream=None):
+            g0, g1, g2, g3 = ops.unstack((args[0] if upstream is None else upstream)[:, :4], axis=1)
+            # Per interval, through its value cubic: d/dy0, d/dy1, d/df'0, d/df'1.
+            per_row = ops.stack([g0 - 3.0 * g2 + 2.0 * g3, 3.0 * g2 - 2.0 * g3, g1 - 2.0 * g2 + g3, g3 - g2], axis=1)
 
-    def reduce(self, j, terms, upstream):
-        """`Σ_i terms_ki upstream_i` per grid point of chunk `j`, placed in
-        row `j` of a `(count, chunk)` matrix of zeros.
+            def accumulate(chunk, total):
+                diff, pi_b, (v, v1, v2) = terms(chunk, bandwidths)
+                r = backend.take_block(per_row, 0, chunk * CHUNK, CHUNK)
+                d_f = ops.pad(r[:, 0], ((0, 1),)) + ops.pad(r[:, 1], ((1, 0),))  # per node
+                d_f1 = (ops.pad(r[:, 2], ((0, 1),)) + ops.pad(r[:, 3], ((1, 0),))) / place[1]
+                d_a = ops.matmul(d_f, v) + ops.matmul(d_f1, v1) * pi_b
+                d_b = ops.matmul(d_f, diff * v1) + ops.matmul(d_f1, v1 + diff * pi_b * v2)
+                return total + ops.stack([d_a, amplitudes * math.pi * d_b])
 
-        `upstream` is `(1, m)`. A matmul when chunk > 1 (XLA then computes
-        the terms once, not once per consumer); one grid point: a dot of
-        vectors (torch runs a `(1, m) @ (m, 1)` matmul ~10x slower).
-        """
-        if self.chunk == 1:
-            sums = ops.dot(ops.reshape(terms, (-1,)), ops.reshape(upstream, (-1,)))
-        else:
-            sums = ops.matmul(terms, ops.transpose(upstream))
-        here = ops.reshape(ops.cast(ops.equal(ops.arange(self.count), j), "float32"), (self.count, 1))
-        return ops.multiply(here, ops.reshape(sums, (1, self.chunk)))
+            d_ab = backend.sequential_fori_loop(0, count, accumulate, ops.zeros((2, int(amplitudes.shape[0]))))
+            return d_ab[0], d_ab[1]
 
-    def sum_shape(self):
-        return (self.count, self.chunk)
+        return backend.sequential_fori_loop(0, count, fill, out.initial()), grad
 
-    def unpad(self, sums):
-        return ops.reshape(sums, (-1,))[: self.size]
+    rows = tables(amplitudes, bandwidths)
+    return rows[:, :4], rows[:, 4:], place
 
 
-def transfer_values(p, coef):
-    """`f(p)` of a flat float32 vector `p` (the scale folded into `coef`)."""
-
-    def sub_block(start, length):
-        pb = ops.reshape(backend.take_block(p, 0, start, length), (1, length))
-
-        def body(j, value):
-            t = ops.multiply(ops.subtract(pb, coef.column(coef.grid, j)), coef.column(coef.pi_b, j))
-            sin_t, _ = backend.sin_cos(t, with_cos=False)
-            # sinc(0) = 1; the 0/0 there is discarded.
-            terms = ops.where(ops.equal(t, 0.0), 1.0, ops.divide(sin_t, t))
-            return ops.add(value, coef.combine(coef.amp, j, terms))
-
-        value = backend.loop(coef.count, body, ops.zeros_like(pb))
-        return (ops.reshape(value, (length,)),), ()
-
-    m = int(p.shape[0])
-    (value,), _ = backend.blocked(m, backend.BLOCK_ELEMENTS // coef.chunk, sub_block, (backend.BlockOutput((m,), 0),))
-    return value
+def locate(u, place, rows):
+    """Interval index (int32, clipped to `rows`) and local coordinate of `u = x / h`."""
+    m = ops.floor(u)
+    return ops.clip(ops.cast(m - place[0], "int32"), 0, rows - 1), u - m
 
 
-def transfer_terms(p, upstream, coef, with_value):
-    """`f(p)`, `f'(p)` and the gradients of `sum(upstream · f(p))` w.r.t. `a`, `b`.
-
-    With `t = π b_k (p − g_k)`, `v = sinc = sin(t)/t` and `q = dv/dt =
-    (cos t − v)/t` (Taylor series for |t| < `_TAYLOR_BELOW`):
-    `f' = Σ_k a_k π b_k q`, `df/da_k = v`, `df/db_k = a_k π (p − g_k) q`.
-
-    Args:
-        p: flat float32 vector.
-        upstream: same shape.
-        coef: `Coefficients`.
-        with_value: also return `f(p)` (else `None`).
-
-    Returns:
-        `(value, slope, grad_amplitudes, grad_bandwidths)`; the last two of
-        the unpadded grid size.
-    """
-
-    def sub_block(start, length):
-        pb = ops.reshape(backend.take_block(p, 0, start, length), (1, length))
-        ub = ops.reshape(backend.take_block(upstream, 0, start, length), (1, length))
-
-        def body(j, carry):
-            value, slope, grad_a, grad_b = carry
-            d = ops.subtract(pb, coef.column(coef.grid, j))
-            t = ops.multiply(d, coef.column(coef.pi_b, j))
-            sin_t, cos_t = backend.sin_cos(t)
-            t2 = ops.square(t)
-            small = ops.less(t2, _TAYLOR_BELOW**2)
-            inverse = ops.divide(1.0, ops.where(small, 1.0, t))
-            # 1 - t^2/6 (+ t^4/120 < 6e-8 below the threshold), and its t-derivative.
-            v = ops.where(small, 1.0 - t2 * (1.0 / 6.0), ops.multiply(sin_t, inverse))
-            q = ops.where(small, t * (t2 * (1.0 / 30.0) - 1.0 / 3.0), (cos_t - v) * inverse)
-            if with_value:
-                value = ops.add(value, coef.combine(coef.amp, j, v))
-            slope = ops.add(slope, coef.combine(coef.slope, j, q))
-            grad_a = ops.add(grad_a, coef.reduce(j, v, ub))
-            grad_b = ops.add(grad_b, coef.reduce(j, ops.multiply(d, q), ub))
-            return value, slope, grad_a, grad_b
-
-        zeros = ops.zeros(coef.sum_shape(), "float32")
-        row = ops.zeros_like(pb)
-        value, slope, grad_a, grad_b = backend.loop(
-            coef.count, body, (row if with_value else ops.zeros((), "float32"), row, zeros, zeros)
-        )
-        pieces = (ops.reshape(slope, (length,)),)
-        if with_value:
-            pieces = (ops.reshape(value, (length,)),) + pieces
-        return pieces, (grad_a, grad_b)
-
-    m = int(p.shape[0])
-    outputs = (backend.BlockOutput((m,), 0),) * (2 if with_value else 1)
-    sums = (coef.sum_shape(),) * 2
-    pieces, (grad_a, grad_b) = backend.blocked(m, backend.BLOCK_ELEMENTS // coef.chunk, sub_block, outputs, sums)
-    value, slope = pieces if with_value else (None,) + pieces
-    grad_b = ops.multiply(coef.unpad(grad_b), ops.multiply(coef.amplitudes, math.pi))
-    return value, slope, coef.unpad(grad_a), grad_b
-
-
-def read(variable):
-    """The variable's value as a tensor (read outside a custom gradient: on
-    tensorflow a variable read inside one must be declared to it)."""
-    return ops.cast(variable, "float32")
-
-
-def upstream_of(args, upstream):
-    # torch passes the upstream gradient as a keyword, tensorflow and jax
-    # positionally.
-    return args[0] if upstream is None else upstream
-
-
-def flat(x):
-    return ops.reshape(x, (-1,))
+def cubic(table, index, t):
+    """The cubics `table (T, 4)` of the intervals `index`, at `t`."""
+    c = backend.take_rows(table, index)
+    return c[..., 0] + t * (c[..., 1] + t * (c[..., 2] + t * c[..., 3]))
 
 
 def sinc_transfer(x, amplitudes, bandwidths, grid):
-    """The LR-LoRA transfer function `f(x) = Σ_k a_k sinc(b_k (x − g_k))`, elementwise.
-
-    Memory-safe and differentiable in `x`, `amplitudes` and `bandwidths`: the
-    sum is accumulated a few grid points at a time on blocks of `x`, and the
-    backward pass recomputes the terms, so no `(len(grid),) + x.shape`
-    tensor is ever formed and nothing but the inputs is kept for the backward
-    pass. `sinc(0) = 1`, with finite value and gradient there.
+    """The LR-LoRA transfer `f(x) = Σ_k a_k sinc(b_k (x − g_k))` (normalized sinc,
+    `sinc(0) = 1`), elementwise, interpolated from a table over `x`'s range:
+    float32-accurate (docs/methods.md). Differentiable by plain autodiff: in `x`
+    through the interpolated `f'` (`f(x₀) + (x − x₀) f'(x₀)` at `x₀ = x`), in
+    `amplitudes` and `bandwidths` through the table.
 
     Args:
         x: a float tensor of any shape.
-        amplitudes: `a`, shape `(len(grid),)`.
-        bandwidths: `b`, shape `(len(grid),)`.
-        grid: the grid points `g`, a sequence of Python floats (see `sinc_grid`).
+        amplitudes, bandwidths: `a`, `b`, shape `(len(grid),)`.
+        grid: the grid points `g`, Python floats (`sinc_grid`).
 
     Returns:
-        `f(x)`, same shape as `x`, float32 (the transfer function is always
-        evaluated in float32).
+        `f(x)`, float32, the shape of `x`.
 
     Example:
     ```python
     import numpy as np
     from keras_adaptive_lora.methods.sinc import sinc_grid, sinc_transfer
-    grid = sinc_grid(5, 3.0)
     y = sinc_transfer(np.zeros((2, 3), "float32"), np.ones(5, "float32"),
-                      np.ones(5, "float32"), grid)
+                      np.ones(5, "float32"), sinc_grid(5, 3.0))
     ```
     """
-    grid = [float(g) for g in grid]
-
-    @ops.custom_gradient
-    def transfer(x, amplitudes, bandwidths):
-        shape = tuple(x.shape)
-        coef = Coefficients(grid, amplitudes, bandwidths)
-
-        def grad(*args, upstream=None):
-            upstream = flat(upstream_of(args, upstream))
-            _, slope, grad_a, grad_b = transfer_terms(flat(x), upstream, coef, False)
-            return ops.reshape(ops.multiply(upstream, slope), shape), grad_a, grad_b
-
-        return ops.reshape(transfer_values(flat(x), coef), shape), grad
-
-    return transfer(*(ops.cast(t, "float32") for t in (x, amplitudes, bandwidths)))
-
-
+    x, amplitudes, bandwidths = (ops.cast(v, "float32") for v in (x, amplitudes, bandwidths))
+    fixed = ops.stop_gradient(x)
+    values, slopes, place = transfer_table(ops.min(fixed), ops.max(fixed), amplitudes, bandwidths, grid)
+    index, t = locate(fixed * place[1], place, int(values.shape[0]))
+    return cubic(values, index, t) + (x - fixed) * ops.stop_gradient(cubic(slopes, index, t))
