@@ -76,7 +76,10 @@ def np_delta(adapter):
     if isinstance(adapter, kal.SincLoRAAdapter):
         product = v["lora_a"] @ v["lora_b"]
         widths = np.log1p(np.exp(v["bandwidth_logits"]))
+        # The spec's grid: K points on [-c, c], moved by half a spacing for
+        # init="shifted" (the default).
         grid = np.linspace(-adapter.grid_range, adapter.grid_range, adapter.grid_size)
+        grid = grid + (0.5 * (grid[1] - grid[0]) if adapter.init == "shifted" else 0.0)
         f = sum(a * np.sinc(b * (product - g)) for a, b, g in zip(v["amplitudes"], widths, grid))
         return adapter.alpha / adapter.lora_rank * f
     if isinstance(adapter, kal.FlexLoRAAdapter):

@@ -9,6 +9,7 @@ one is deleted.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -124,3 +125,11 @@ def replacing_folder(path, replaceable=()):
     _fsync(os.path.dirname(target))
     if old is not None:
         _remove(old)
+
+
+def write_json(path, record):
+    """Write `record` as indented JSON to `path` through a temporary file, so a
+    failed write leaves the previous file (if any) as it was."""
+    with replacing_file(path, ".json") as temp:
+        with open(temp, "w") as f:
+            json.dump(record, f, indent=2)

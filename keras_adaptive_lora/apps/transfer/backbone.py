@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_adaptive_lora import data
 from keras_adaptive_lora.inspection import from_preset
+from keras_adaptive_lora.saving._atomic import write_json
 from keras_adaptive_lora.apps.transfer import synthetic
 from keras_adaptive_lora.apps.transfer.data import import_tf, normalized, to_float
 from keras_adaptive_lora.apps.transfer.options import EVAL_BATCH_SIZE, PRETRAINING_FILE, SOURCE_SEED
@@ -124,8 +125,7 @@ def pretrain_backbone(directory, *, settings, setting="default", seed=SOURCE_SEE
         "architecture": {k: settings[k] for k in (
             "image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")},
     }
-    with open(os.path.join(directory, PRETRAINING_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(directory, PRETRAINING_FILE), record)
     log(
         f"pre-trained in {seconds:.1f}s: source-task validation accuracy "
         f"{val['accuracy']:.3f}; saved as a keras-hub preset in {directory} (reuse it "

@@ -11,7 +11,6 @@
 """
 
 import gc
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ import time
 import keras
 import numpy as np
 
+from keras_adaptive_lora.saving._atomic import write_json
 from keras_adaptive_lora.apps.transfer import stats
 from keras_adaptive_lora.apps.transfer.backbone import (
     load_backbone,
@@ -267,8 +267,7 @@ def run_transfer(**kwargs):
     }
     result["results_path"] = os.path.join(cfg["output_dir"], "results.json")
     result["seconds"] = seconds
-    with open(result["results_path"], "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(result["results_path"], record)
     log(f"results: {result['results_path']}")
     log(
         f"done in {clock(seconds)} ({clock(cpu_seconds)} of CPU time) on {at_start['system']}, "
