@@ -15,8 +15,8 @@ and `srank(ΔW)`, mean ± standard error over `--seeds` (seed: data, `ΔW*`,
 
 Part `transfer`: the offline main job, `keras-adaptive-lora transfer --methods
 sinc --seed S --preset P` (a ViT pre-trained once by the job, `--preset`),
-once per init and seed with `SincLoRA`'s default `init` patched in the child
-process; reported: test accuracy and the mean `srank(ΔW)` over the adapted
+once per init (all seeds in one run) with `SincLoRA`'s default `init` patched
+in the child process; reported: test accuracy and the mean `srank(ΔW)` over the adapted
 layers, mean ± standard error. `--epochs` shortens the job (default: the
 job's 60).
 
@@ -105,24 +105,27 @@ sys.exit(main(sys.argv[2:]))
 
 def transfer(args):
     rows = {}
+    seeds = ",".join(str(s) for s in args.seeds)
     for init in INITS:
+        out = tempfile.mkdtemp(prefix=f"sinc_init_{init}_")
+        cmd = [sys.executable, "-c", CHILD, init, "transfer", "--methods", "sinc", "--seeds", seeds,
+               "--preset", args.preset, "--output-dir", out, "--no-export", "--no-plot", "--verbose", "0"]
+        if args.epochs:
+            cmd += ["--epochs", str(args.epochs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        path = os.path.join(out, "results.json")
+        if proc.returncode or not os.path.exists(path):
+            print(f"  {init} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        with open(path) as f:
+            runs = [r for r in json.load(f)["runs"] if r["method"] == "sinc"]
         rows[init] = []
-        for seed in args.seeds:
-            out = tempfile.mkdtemp(prefix=f"sinc_init_{init}_{seed}_")
-            cmd = [sys.executable, "-c", CHILD, init, "transfer", "--methods", "sinc", "--seed", str(seed),
-                   "--preset", args.preset, "--output-dir", out, "--no-export", "--no-plot", "--verbose", "0"]
-            if args.epochs:
-                cmd += ["--epochs", str(args.epochs)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            path = os.path.join(out, "results.json")
-            if proc.returncode or not os.path.exists(path):
-                print(f"  {init} seed {seed} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            run = [r for r in json.load(open(path))["runs"] if r["method"] == "sinc"][0]
-            ranks = list(run.get("update_stable_ranks", {}).values())
-            rows[init].append({"test_accuracy": run["test_accuracy"], "val_accuracy": run["val_accuracy"],
-                               "srank": float(np.mean(ranks)) if ranks else float("nan"), "ms_per_step": run["ms_per_step"]})
-            print(f"  done {init} seed {seed}: {rows[init][-1]}", file=sys.stderr, flush=True)
+        for run in runs:
+            ranks = list((run.get("update_stable_ranks") or {}).values())
+            rows[init].append({"seed": run.get("seed"), "test_accuracy": run["test_accuracy"],
+                               "val_accuracy": run["val_accuracy"], "ms_per_step": run["ms_per_step"],
+                               "srank": float(np.mean(ranks)) if ranks else float("nan")})
+        print(f"  done {init}: {rows[init]}", file=sys.stderr, flush=True)
     print(f"offline main job, sinc only, preset {args.preset}, epochs {args.epochs or 'default'}, seeds {args.seeds}; load {os.getloadavg()}")
     print(f"{'init':<9}{'test acc':>20}{'val acc':>20}{'mean srank(ΔW)':>20}")
     for init, runs in rows.items():

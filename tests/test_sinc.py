@@ -218,7 +218,26 @@ def test_table_follows_bandwidth_and_range():
         needed = math.floor(4.5 / h) - math.floor(-4.5 / h) + 2
         filled[b] = int(np.sum(np.any(to_numpy(values) != 0, axis=1)))
         assert filled[b] == transfer_module.CHUNK * math.ceil(needed / transfer_module.CHUNK)
-    assert filled[0.2] <= 2 * transfer_module.CHUNK < transfer_module.TABLE_ROWS // 2 < filled[8.0]
+    assert filled[0.2] <= 2 * transfer_module.CHUNK < 1024 < filled[8.0] < transfer_module.TABLE_ROWS
+
+
+def test_transfer_stays_accurate_over_a_wide_range_at_high_bandwidths():
+    # |x| up to 10 with bandwidths up to 8: about 5,000 intervals at the
+    # spacing the bandwidths ask for (h = 2^-8), more than the table's 4,096,
+    # so h doubles; the interpolant must still hold the accuracy.
+    grid = sinc_grid(50, 3.0)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-10.0, 10.0, size=(40, 50)).astype("float32")
+    a = rng.normal(size=50).astype("float32")
+    b = rng.uniform(4.0, 8.0, size=50).astype("float32")
+    weights = rng.normal(size=x.shape).astype("float32")
+    _, grads = value_and_grads(lambda x, a, b: ops.sum(ops.multiply(sinc_transfer(x, a, b, grid), weights)), [x, a, b])
+    assert relative_error(to_numpy(sinc_transfer(x, a, b, grid)), np_transfer(x, a, b, grid)) < 1e-6
+    v, q = np_sinc_terms(x, grid, b)
+    want = [weights * np.tensordot(a * b, q, 1), np.tensordot(v, weights, 2)]
+    want.append(np.tensordot(q * (x[None] - np.reshape(grid, (-1, 1, 1))), weights, 2) * a)
+    for got, expected, name in zip(grads, want, "xab"):
+        assert relative_error(got, expected) < 1e-5, name
 
 
 # --------------------------------------------------------------------------

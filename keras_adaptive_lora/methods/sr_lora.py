@@ -215,8 +215,9 @@ def _layer_stable_rank(layer):
         return stable_rank(layer)
     except ValueError as error:
         raise ValueError(
-            f"Layer '{layer.path}': {error} SR-LoRA sets each rank from the stable "
-            "rank of the pretrained kernel: check that the weights loaded intact, "
+            f"Layer '{layer.path}': {error} The stable-rank plan (SR-LoRA, or FlexLoRA "
+            "with init_ranks='stable_rank') sets each rank from the stable rank of "
+            "the pretrained kernel: check that the weights loaded intact, "
             "or leave this layer out of `targets`. Nothing was changed."
         ) from None
 
