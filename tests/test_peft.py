@@ -254,6 +254,15 @@ def _scale(x):
     return float(np.abs(x).max())
 
 
+def _record(**row):
+    """With KAL_MEASUREMENTS=FILE, append the measured difference as a JSON
+    line (for the closing notes' tables); otherwise nothing."""
+    path = os.environ.get("KAL_MEASUREMENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"backend": keras.backend.backend(), **row}) + "\n")
+
+
 # --------------------------------------------------------------------------
 # PEFT -> Keras
 # --------------------------------------------------------------------------
@@ -261,6 +270,7 @@ def _scale(x):
 def test_peft_lora_adapter_loads_with_equal_logits(arch, side, keras_side):
     want = side.peft_logits(arch)
     got = keras_side[arch]["loaded"]
+    _record(test="peft->keras logits", arch=arch, relative=float(np.abs(got - want).max()) / _scale(want))
     assert np.abs(got - want).max() <= 1e-5 * _scale(want), arch
     base = np.load(os.path.join(side.root, "hf", f"{arch}.logits.npy"))
     assert np.abs(base - want).max() > 1e-2 * _scale(want)  # the adapter matters
@@ -290,6 +300,8 @@ def test_saved_adapters_give_equal_logits_in_peft(arch, keras_side):
     got, want = keras_side[arch]["peft"], keras_side[arch]["want"]
     scale = _scale(want)
     assert np.abs(want - keras_side[arch]["loaded"]).max() > 1e-2 * scale  # the methods matter
+    for key in ("logits", "merged"):
+        _record(test=f"keras->peft {key}", arch=arch, relative=float(np.abs(got[key] - want).max()) / scale)
     assert np.abs(got["logits"] - want).max() <= 1e-5 * scale
     assert np.abs(got["merged"] - want).max() <= 1e-5 * scale  # merge_and_unload
 
@@ -306,6 +318,8 @@ def test_each_methods_update_is_peft_merged_update(arch, method, keras_side):
         want = updates[module][1]
         got = keras_side[arch]["peft"][f"delta::{module}"]
         assert got.shape == want.shape
+        _record(test="update", arch=arch, method=method, module=module,
+                relative=float(np.abs(got - want).max()) / _scale(want))
         assert np.abs(got - want).max() <= 1e-5 * _scale(want), (module, method)
 
 
