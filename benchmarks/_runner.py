@@ -65,3 +65,22 @@ def report_ratio(benchmark, backend, metric, ratio, target):
         "benchmark": benchmark, "backend": backend, "metric": metric,
         "ratio": float(ratio), "target": target,
     }), flush=True)
+
+
+def worker_results(script, backends):
+    """Run `python SCRIPT --worker` once per backend (the checkout's package
+    first on the path); `{backend: the JSON after its "RESULT " line, or the
+    last line of its error output as a string}`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    results = {}
+    for backend in backends:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker"], env=env,
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            results[backend] = f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+        else:
+            results[backend] = json.loads(lines[0][len("RESULT "):])
+    return results

@@ -18,11 +18,10 @@ Usage: `python benchmarks/sinc_accuracy.py [--backends torch tensorflow jax]`
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
+from _runner import worker_results
 
 REGIMES = {"narrow b in [0.2, 0.2]": (0.2, 0.2), "unit b in [0.5, 1.5]": (0.5, 1.5),
            "mixed b in [0.2, 8]": (0.2, 8.0), "wide b in [4, 8]": (4.0, 8.0)}
@@ -98,18 +97,13 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker()
-    here = os.path.dirname(os.path.abspath(__file__))
     print("| backend | bandwidths | max abs x | f(x) | d/dx | d/da | d/db |")
     print("|---|---|---|---|---|---|---|")
-    for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"| {backend} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
+    for backend, rows in worker_results(__file__, args.backends).items():
+        if isinstance(rows, str):
+            print(f"| {backend} | {rows} |")
             continue
-        for regime, (fx, dx, da, db, xmax) in json.loads(lines[0][7:]).items():
+        for regime, (fx, dx, da, db, xmax) in rows.items():
             print(f"| {backend} | {regime} | {xmax:.1f} | {fx:.1e} | {dx:.1e} | {da:.1e} | {db:.1e} |")
     print("(errors: max |got − exact| / max |exact|, float64 numpy oracle; targets 1e-6 for f, 1e-5 for gradients)")
 

@@ -13,11 +13,10 @@ Usage: `python benchmarks/stable_rank_accuracy.py [--backends torch tensorflow j
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
+from _runner import worker_results
 
 
 def with_spectrum(rows, cols, sigmas, seed):
@@ -68,17 +67,12 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker()
-    here = os.path.dirname(os.path.abspath(__file__))
     results = {}
-    for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{backend}: failed: {proc.stderr.strip().splitlines()[-1:]}")
-            continue
-        results[backend] = json.loads(lines[0][7:])
+    for backend, rows in worker_results(__file__, args.backends).items():
+        if isinstance(rows, str):
+            print(f"{backend}: {rows}")
+        else:
+            results[backend] = rows
     if not results:
         return 1
     names = list(results)
