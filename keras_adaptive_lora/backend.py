@@ -288,18 +288,49 @@ def bin_sums(columns, index, bins):
     return ops.segment_sum(ops.stack(columns, axis=1), index, num_segments=bins)
 
 
-def take_rows(table, index):
-    """`table[index]` for a small 2-D `table` and an int32 `index` of any shape.
+def take_columns(table, index):
+    """`table[:, index]`: the columns `index` (int32, any shape, in range) of a
+    small 2-D `table`, shape `(rows,) + index.shape`, each row contiguous.
 
-    On torch an embedding lookup with the int32 index as it is (keras's torch
-    `take` first converts the index to int64 and remaps negative entries:
-    three more passes over it); elsewhere `keras.ops.take`.
+    On torch `index_select` along the columns with the int32 index as it is
+    (keras's torch `take` first converts the index to int64 and remaps
+    negative entries: more passes over it; a row gather `table.T[index]`
+    leaves each coefficient strided, which slows every later pass);
+    elsewhere `keras.ops.take`.
     """
     if keras.backend.backend() == "torch":
         import torch  # the torch backend guarantees it
 
-        return torch.nn.functional.embedding(index, table)
-    return ops.take(table, index, axis=0)
+        flat = torch.index_select(table, 1, index.reshape(-1))
+        return flat.reshape((table.shape[0],) + tuple(index.shape))
+    return ops.take(table, index, axis=1)
+
+
+def horner(coefficients, t):
+    """`c[0] + t (c[1] + t (c[2] + ...))` for `coefficients` stacked on axis 0
+    (`take_columns`'s output): on torch fused multiply-adds (`addcmul`, one
+    pass per degree instead of two); elsewhere `keras.ops` (XLA fuses it)."""
+    degree = int(coefficients.shape[0]) - 1
+    out = coefficients[degree]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        for p in range(degree - 1, -1, -1):
+            out = torch.addcmul(coefficients[p], t, out)
+        return out
+    for p in range(degree - 1, -1, -1):
+        out = coefficients[p] + t * out
+    return out
+
+
+def needs_gradient(x):
+    """Whether autodiff asks for a gradient of `x`: on eager torch its
+    `requires_grad` (a custom gradient can skip the work for an input that
+    needs none, e.g. a model's input); `True` elsewhere (jax and tensorflow
+    compile the step, and their compilers drop the unused work)."""
+    if keras.backend.backend() == "torch":
+        return bool(getattr(x, "requires_grad", True))
+    return True
 
 
 def orders_after_input():

@@ -70,11 +70,16 @@ def test_bin_sums_match_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_take_rows_matches_numpy():
-    table = np.arange(20, dtype="float32").reshape(5, 4)
+def test_take_columns_and_horner_match_numpy():
+    table = np.arange(20, dtype="float32").reshape(4, 5)
     index = np.array([[4, 0, 2], [1, 1, 3]], "int32")
-    got = to_numpy(backend.take_rows(ops.convert_to_tensor(table), ops.convert_to_tensor(index)))
-    np.testing.assert_array_equal(got, table[index])
+    columns = backend.take_columns(ops.convert_to_tensor(table), ops.convert_to_tensor(index))
+    np.testing.assert_array_equal(to_numpy(columns), table[:, index])
+    # c0 + t (c1 + t (c2 + t c3)) at each entry, against numpy's polyval (highest degree first).
+    t = np.array([[0.0, 0.5, 1.0], [0.25, -2.0, 3.0]], "float32")
+    got = to_numpy(backend.horner(columns, ops.convert_to_tensor(t)))
+    want = np.polyval(table[::-1, index].astype("float64"), t.astype("float64"))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_blocked_assembles_pieces_with_a_shorter_last_block():

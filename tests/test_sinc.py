@@ -83,31 +83,32 @@ def np_adapter_grads(case, x, weights, params, grid, scale):
 # --------------------------------------------------------------------------
 # Backend autodiff under jit / tf.function (test-only backend code)
 # --------------------------------------------------------------------------
-def value_and_grads(fn, arrays):
-    """`fn(*tensors)` (a scalar) and its gradients w.r.t. all inputs, as numpy,
+def value_and_grads(fn, arrays, first=0):
+    """`fn(*tensors)` (a scalar) and its gradients w.r.t. the inputs from
+    `first` on (those before are constants, as a model's input is), as numpy,
     compiled as training would be (`jax.jit`, `tf.function`, eager torch)."""
     arrays = [np.asarray(a, np.float32) for a in arrays]
     if BACKEND == "jax":
         import jax
 
-        value, grads = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(arrays)))))(*arrays)
+        value, grads = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(first, len(arrays)))))(*arrays)
     elif BACKEND == "tensorflow":
         import tensorflow as tf
 
         @tf.function
         def run(*tensors):
             with tf.GradientTape() as tape:
-                tape.watch(tensors)
+                tape.watch(tensors[first:])
                 value = fn(*tensors)
-            return value, tape.gradient(value, tensors)
+            return value, tape.gradient(value, tensors[first:])
 
         value, grads = run(*[tf.constant(a) for a in arrays])
     else:
         import torch
 
-        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        tensors = [torch.tensor(a, requires_grad=i >= first) for i, a in enumerate(arrays)]
         value = fn(*tensors)
-        grads = torch.autograd.grad(value, tensors)
+        grads = torch.autograd.grad(value, tensors[first:])
     return float(to_numpy(value)), [to_numpy(g) for g in grads]
 
 
@@ -222,7 +223,7 @@ def test_table_follows_bandwidth_and_range():
         h = 1.0 / float(to_numpy(place)[1])
         assert h == 2.0 ** math.floor(math.log2(transfer_module._RESOLUTION / (math.pi * b)))
         needed = math.floor(4.5 / h) - math.floor(-4.5 / h) + 2
-        filled[b] = int(np.sum(np.any(to_numpy(values) != 0, axis=1)))
+        filled[b] = int(np.sum(np.any(to_numpy(values) != 0, axis=0)))
         assert filled[b] == transfer_module.CHUNK * math.ceil(needed / transfer_module.CHUNK)
     assert filled[0.2] <= 2 * transfer_module.CHUNK < 1024 < filled[8.0] < transfer_module.TABLE_ROWS
 
@@ -277,6 +278,10 @@ def test_adapter_outputs_and_gradients_match_oracle(kind):
     want_y, want = np_adapter_grads(case, x, weights, params, adapter.grid, 1.5)
     assert relative_error(to_numpy(adapter(x)), want_y) < 3e-6  # a float32 matmul (ΔW alone: 1e-6, above)
     for got, expected, name in zip(grads, want, ["x", "lora_a", "lora_b", "amplitudes", "logits"]):
+        assert relative_error(got, expected) < 1e-5, name
+    # The input as a constant (a model's input: on torch the backward pass then skips dL/dx).
+    _, grads = value_and_grads(loss, [x, *params], first=1)
+    for got, expected, name in zip(grads, want[1:], ["lora_a", "lora_b", "amplitudes", "logits"]):
         assert relative_error(got, expected) < 1e-5, name
 
 

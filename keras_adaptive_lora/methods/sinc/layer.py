@@ -59,8 +59,9 @@ def merged_projection(io, dtype, x, w_matrix, lora_a, lora_b, values, slopes, pl
     table's gradient (`Σ G t^p` per interval, `p <= 3`). Nothing kernel-sized
     is kept between the passes or formed in the backward pass.
     """
-    d_in, d_out, rank, size = io.view.d_in, io.view.d_out, int(lora_a.shape[1]), int(values.shape[0])
+    d_in, d_out, rank, size = io.view.d_in, io.view.d_out, int(lora_a.shape[1]), int(values.shape[1])
     step = max(1, backend.BLOCK_ELEMENTS // d_out)
+    input_gradient = backend.needs_gradient(x)  # none for a model's input on torch
 
     @ops.custom_gradient
     def project(x, w_matrix, lora_a, lora_b, values, slopes, place):
@@ -68,15 +69,17 @@ def merged_projection(io, dtype, x, w_matrix, lora_a, lora_b, values, slopes, pl
 
         def rows(start, length):
             a_r = backend.take_block(lora_a, 0, start, length)
-            index, t = locate(ops.matmul(a_r, scaled_b), place, size)
-            return a_r, index, t, cubic(values, index, t)
+            return (a_r,) + locate(ops.matmul(a_r, scaled_b), place, size)
+
+        def merged_rows(start, length, index, t):
+            return backend.take_block(w_matrix, 0, start, length) + cubic(values, index, t)
 
         x2, tokens = io.rows(x, 0)
         merged = w_matrix
         if backend.orders_after_input():  # this layer's loop waits for its input
             merged = merged + 0.0 * ops.cast(ops.isnan(ops.sum(x2[:1, :1])), "float32")
         output = backend.BlockOutput((d_in, d_out), 0, init=merged)
-        (merged,), _ = backend.blocked(d_in, step, lambda start, length: ((rows(start, length)[3],), ()), (output,))
+        (merged,), _ = backend.blocked(d_in, step, lambda start, length: ((cubic(values, *rows(start, length)[1:]),), ()), (output,))
         y = io.unrows(ops.matmul(x2, ops.cast(merged, dtype)), tokens, 1)
         del merged
 
@@ -84,20 +87,22 @@ def merged_projection(io, dtype, x, w_matrix, lora_a, lora_b, values, slopes, pl
             g2, _ = io.rows(args[0] if upstream is None else upstream, 1)
 
             def block(start, length):
-                a_r, index, t, value = rows(start, length)
-                merged_r = ops.cast(backend.take_block(w_matrix, 0, start, length) + value, dtype)
+                a_r, index, t = rows(start, length)
                 g_r = ops.cast(ops.matmul(ops.transpose(backend.take_block(x2, 1, start, length)), g2), "float32")
                 grad_product = g_r * cubic(slopes, index, t)
+                pieces = (ops.matmul(grad_product, ops.transpose(lora_b)),)
+                if input_gradient:
+                    pieces += (ops.matmul(g2, ops.transpose(ops.cast(merged_rows(start, length, index, t), dtype))),)
                 g_r, t = ops.reshape(g_r, (-1,)), ops.reshape(t, (-1,))
                 g_t = g_r * t
                 g_t2 = g_t * t
                 moments = backend.bin_sums([g_r, g_t, g_t2, g_t2 * t], ops.reshape(index, (-1,)), size)
-                pieces = (ops.matmul(g2, ops.transpose(merged_r)), ops.matmul(grad_product, ops.transpose(lora_b)))
                 return pieces, (ops.matmul(ops.transpose(a_r), grad_product), moments)
 
-            outputs = (backend.BlockOutput(None, 1, like=x2), backend.BlockOutput((d_in, rank), 0))
-            (grad_x, grad_a), (grad_b, grad_values) = backend.blocked(d_in, step, block, outputs, ((rank, d_out), (size, 4)))
-            return io.unrows(grad_x, tokens, 0), None, grad_a, grad_b, grad_values, ops.zeros_like(slopes), None
+            outputs = (backend.BlockOutput((d_in, rank), 0),) + ((backend.BlockOutput(None, 1, like=x2),) if input_gradient else ())
+            pieces, (grad_b, moments) = backend.blocked(d_in, step, block, outputs, ((rank, d_out), (size, 4)))
+            grad_x = io.unrows(pieces[1], tokens, 0) if input_gradient else None
+            return grad_x, None, pieces[0], grad_b, ops.transpose(moments), ops.zeros_like(slopes), None
 
         return y, grad
 

@@ -54,9 +54,10 @@ def hermite(y, slope, h):
 
 
 def transfer_table(low, high, amplitudes, bandwidths, grid):
-    """`(values, slopes, place)`: the `(TABLE_ROWS, 4)` cubics of `f` and of `f'` per
-    interval over `[low, high]` (unfilled rows zero), and `place = (first, 1/h,
-    chunks)`: interval `i` spans `[(first + i) h, (first + i + 1) h]`.
+    """`(values, slopes, place)`: the `(4, TABLE_ROWS)` cubics of `f` and of `f'`
+    per interval over `[low, high]` (coefficient `p` of interval `i` at `[p, i]`,
+    unfilled intervals zero), and `place = (first, 1/h, chunks)`: interval `i`
+    spans `[(first + i) h, (first + i + 1) h]`.
 
     Differentiable in `amplitudes` and `bandwidths` through `values` (the
     slopes carry no gradient) by a custom gradient that recomputes the
@@ -105,8 +106,8 @@ def transfer_table(low, high, amplitudes, bandwidths, grid):
 
         return backend.sequential_fori_loop(0, count, fill, out.initial()), grad
 
-    rows = tables(amplitudes, bandwidths)
-    return rows[:, :4], rows[:, 4:], place
+    columns = ops.transpose(tables(amplitudes, bandwidths))  # each coefficient contiguous
+    return columns[:4], columns[4:], place
 
 
 def locate(u, place, rows):
@@ -116,9 +117,8 @@ def locate(u, place, rows):
 
 
 def cubic(table, index, t):
-    """The cubics `table (T, 4)` of the intervals `index`, at `t`."""
-    c = backend.take_rows(table, index)
-    return c[..., 0] + t * (c[..., 1] + t * (c[..., 2] + t * c[..., 3]))
+    """The cubics `table (4, T)` of the intervals `index`, at `t`."""
+    return backend.horner(backend.take_columns(table, index), t)
 
 
 def sinc_transfer(x, amplitudes, bandwidths, grid):
@@ -147,5 +147,5 @@ def sinc_transfer(x, amplitudes, bandwidths, grid):
     x, amplitudes, bandwidths = (ops.cast(v, "float32") for v in (x, amplitudes, bandwidths))
     fixed = ops.stop_gradient(x)
     values, slopes, place = transfer_table(ops.min(fixed), ops.max(fixed), amplitudes, bandwidths, grid)
-    index, t = locate(fixed * place[1], place, int(values.shape[0]))
+    index, t = locate(fixed * place[1], place, int(values.shape[1]))
     return cubic(values, index, t) + (x - fixed) * ops.stop_gradient(cubic(slopes, index, t))
