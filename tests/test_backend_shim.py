@@ -102,3 +102,49 @@ def test_blocked_assembles_pieces_with_a_shorter_last_block():
     np.testing.assert_allclose(to_numpy(doubled), 2 * source, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(total), source.sum(axis=1), rtol=1e-5)
     np.testing.assert_array_equal(to_numpy(init_tensor), init)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="`jit_compile()` is Keras's 'auto' on torch: eager, as without it")
+@pytest.mark.parametrize("method", ["lora", "sr-lora", "flexlora", "sinc"])
+def test_jit_compile_trains_every_method_as_the_plain_step_does(method):
+    """`backend.jit_compile()` (XLA on tensorflow, also on CPU, where Keras's
+    'auto' leaves it off; XLA on jax) gives the numbers of the step compiled
+    without it: 6 SGD steps, same losses and weights within float32 noise."""
+    import keras_adaptive_lora as kal
+
+    specs = {
+        "lora": kal.LoRA(rank=3),
+        "sr-lora": kal.StableRankLoRA(max_rank=3, seed=1),
+        "flexlora": kal.FlexLoRA(rank=2, max_rank=4, seed=2),
+        "sinc": kal.SincLoRA(rank=2, grid_size=8),
+    }
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 12)).astype("float32")
+    y = rng.integers(0, 4, size=(16,))
+
+    def trained(jit_compile):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((12,))
+        hidden = keras.layers.Dense(16, activation="tanh", name="up")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(4, name="down")(hidden))
+        model.set_weights([rng_weights.astype("float32") for rng_weights in start])
+        kal.apply_adapters(model, specs[method], targets="all-linear")
+        for adapter in kal.find_adapters(model):  # a non-zero update from step 0
+            for variable in adapter.trainable_weights:
+                shape = tuple(variable.shape)
+                variable.assign(np.random.default_rng(len(shape)).normal(0, 0.3, shape).astype("float32"))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert model.jit_compile == (jit_compile is not False)  # XLA on, not refused
+        before = [to_numpy(w) for w in model.trainable_weights]
+        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        after = [to_numpy(w) for w in model.trainable_weights]
+        assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 1e-3  # it trained
+        return history.history["loss"], after
+
+    start = [np.random.default_rng(i).normal(0, 0.4, s) for i, s in enumerate([(12, 16), (16,), (16, 4), (4,)])]
+    jitted_losses, jitted = trained(backend.jit_compile())
+    plain_losses, plain = trained(False)
+    np.testing.assert_allclose(jitted_losses, plain_losses, rtol=2e-5)
+    for a, b in zip(jitted, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import keras
 import keras_hub
 import numpy as np
 
-from keras_adaptive_lora import data
+from keras_adaptive_lora import backend, data
 from keras_adaptive_lora.inspection import from_preset
 from keras_adaptive_lora.saving._atomic import write_json
 from keras_adaptive_lora.apps.transfer import synthetic
@@ -87,6 +87,7 @@ def pretrain_backbone(directory, *, settings, setting="default", seed=SOURCE_SEE
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        jit_compile=backend.jit_compile(),
     )
     source_images = len(images)
     log(

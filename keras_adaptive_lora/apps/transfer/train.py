@@ -15,6 +15,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from keras_adaptive_lora import backend
 from keras_adaptive_lora.apps.transfer.backbone import cosine_schedule, load_backbone
 from keras_adaptive_lora.apps.transfer.data import import_tf
 from keras_adaptive_lora.apps.transfer.options import (
@@ -200,6 +201,7 @@ def adapt(method, *, preset, num_classes, train, evaluation, steps_per_epoch, se
             ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            jit_compile=backend.jit_compile(),
         )
     else:
         del model
