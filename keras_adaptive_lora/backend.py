@@ -36,6 +36,17 @@ import keras
 from keras import ops
 
 
+def import_tensorflow(user, install):
+    """`tensorflow` (for tf.data input pipelines, on any backend), imported
+    lazily, with an actionable `ImportError` naming `user` (what needs it)
+    and `install` (the command that provides it) when it is missing."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(f"{user} needs TensorFlow: {install}") from None
+    return tf
+
+
 def _require_torch(what):
     if keras.backend.backend() != "torch":
         raise ValueError(

@@ -148,3 +148,15 @@ def test_jit_compile_trains_every_method_as_the_plain_step_does(method):
     np.testing.assert_allclose(jitted_losses, plain_losses, rtol=2e-5)
     for a, b in zip(jitted, plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_import_tensorflow_names_the_user_and_the_install_when_missing(monkeypatch):
+    import sys
+
+    from keras_adaptive_lora.data import pipeline
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` raises ImportError
+    with pytest.raises(ImportError, match=r"keras_adaptive_lora.data builds tf.data pipelines and needs TensorFlow: pip install 'keras-adaptive-lora\[data\]' tensorflow"):
+        pipeline._import_tf()
+    with pytest.raises(ImportError, match="needs TensorFlow: pip install x"):
+        backend.import_tensorflow("my job", "pip install x")

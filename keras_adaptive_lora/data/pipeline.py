@@ -1,23 +1,19 @@
 """tf.data helpers: the lazy TensorFlow import, image conversion, batching.
 
 `tensorflow` is imported inside the functions that need it (install the
-`data` extra), never at module import.
+`data` extra; `backend.import_tensorflow`), never at module import.
 """
 
+from keras_adaptive_lora import backend
 from keras_adaptive_lora.data.sampling import _check_int
 
 _DATA_EXTRA = "pip install 'keras-adaptive-lora[data]'"
 
 
 def _import_tf():
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ImportError(
-            "keras_adaptive_lora.data builds tf.data pipelines and needs "
-            f"TensorFlow: {_DATA_EXTRA} tensorflow"
-        ) from None
-    return tf
+    return backend.import_tensorflow(
+        "keras_adaptive_lora.data builds tf.data pipelines and", f"{_DATA_EXTRA} tensorflow"
+    )
 
 
 # --------------------------------------------------------------------------

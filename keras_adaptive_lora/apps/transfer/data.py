@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from keras_adaptive_lora import data
+from keras_adaptive_lora import backend, data
 from keras_adaptive_lora.apps.transfer import synthetic
 from keras_adaptive_lora.apps.transfer.options import (
     EVAL_BATCH_SIZE,
@@ -20,14 +20,10 @@ from keras_adaptive_lora.apps.transfer.options import (
 
 def import_tf():
     """`tensorflow`, with an actionable `ImportError` when it is missing."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ImportError(
-            "The transfer job feeds `fit` with tf.data pipelines and needs TensorFlow: "
-            "pip install 'keras-adaptive-lora[tensorflow]'."
-        ) from None
-    return tf
+    return backend.import_tensorflow(
+        "The transfer job feeds `fit` with tf.data pipelines and",
+        "pip install 'keras-adaptive-lora[tensorflow]'.",
+    )
 
 
 def load_tfds_splits(dataset, *, shots, seed, val_per_class, test_size, image_size, data_dir,
