@@ -16,17 +16,34 @@ The stopping rule. Ritz values never exceed `λ_1`; the top one `θ_1` stops
    eigenvector) puts an eigenvalue of `G` within `r` of `θ_1`, and within
    `r² / gap` when the gap to the second Ritz value exceeds `r`
    (Kato-Temple, with the Ritz gap as in ARPACK): `min(r, r²/gap) <= tol θ_1`;
-2. (reliability) and not before a step floor. A residual bound cannot tell
-   `λ_1` from a lower eigenvalue the start vector reaches first (a start
-   vector with a 1e-3 component on the top singular vector stops 6% low after
-   5 steps on residual alone; see the tests). Kuczynski and Wozniakowski
-   (SIAM J. Matrix Anal. Appl. 13(4), 1992, Thm 4.2): for a start vector
-   uniform on the sphere and any spectrum, after `k` steps
-   `P(θ_1 < (1 − ε) λ_1) <= 1.648 sqrt(n) exp(−sqrt(ε) (2k − 1))`. The
-   floor is the `k` that makes this `_FLOOR_FAILURE` for `ε = _FLOOR_EPS`
-   (a stable rank within 0.49%): 130 steps at `n = 2048`;
+2. (reliability) and once `λ_1` itself is known to be within 0.49% above
+   `θ_1`. A residual bound cannot tell `λ_1` from a lower eigenvalue the
+   start vector reaches first (a start vector with a 1e-3 component on the
+   top singular vector stops 6% low after 5 steps on residual alone; see the
+   tests). Two probabilistic certificates, either suffices, each failing
+   with probability at most `_FAILURE / 2` over a start vector uniform on the
+   sphere (1e-6 in all), whatever the spectrum:
+   a. (a posteriori, usually first) the Lanczos vector `v_{k+1}` is
+      `p_k(G) v_1 / (β_1 ⋯ β_k)`, `p_k` the characteristic polynomial of the
+      tridiagonal `T_k`, so `|c_1| p_k(λ_1) <= β_1 ⋯ β_k` (`c_1` the start
+      vector's component on the top eigenspace). `p_k` increases above
+      `θ_1`: if `p_k(α) >= β_1 ⋯ β_k / δ` at `α = (1 + ε) θ_1`, then
+      `λ_1 > α` would need `|c_1| < δ`, which has probability at most
+      `2δ / B(1/2, (n − 1)/2)` (the density of `c_1` is at most
+      `1 / B(1/2, (n − 1)/2)`); `δ` makes that `_FAILURE / 2`. Used when the
+      floor (b.) is below `n` (so matrices with `n <= 125` stay exact, 3.);
+      checked every few steps, `log p_k(α)` from the pivots of `T_k − α` (Hochstenbach's
+      probabilistic upper bound, 2013). On spectra with a separated top (real
+      pretrained kernels) it certifies within tens of steps; on Gaussian
+      matrices in 60-90;
+   b. (a priori) Kuczynski and Wozniakowski (SIAM J. Matrix Anal. Appl.
+      13(4), 1992, Thm 4.2): after `k` steps
+      `P(θ_1 < (1 − ε) λ_1) <= 1.648 sqrt(n) exp(−sqrt(ε) (2k − 1))`; the
+      step floor is the `k` that makes this `_FAILURE / 2` for
+      `ε = _FLOOR_EPS`: 135 steps at `n = 2048`;
 3. or at step `n` (the Krylov space is then everything: exact up to
-   round-off, so every matrix with `n <= 128` is solved exactly), or at an
+   round-off, so every matrix with `n <= 125`, where the floor is `n`, is
+   solved exactly), or at an
    invariant subspace (`β_k <= _BREAKDOWN θ_1`: its Ritz values are
    eigenvalues).
 The start vector is a fixed draw (`_START_SEED`): results are deterministic,
@@ -58,9 +75,10 @@ _SAFE_LOW, _SAFE_HIGH = -30, 40
 #: The largest Gram side `n` formed explicitly (float32, 64 MiB at 4096).
 _GRAM_MAX_DIM = 4096
 
-#: The step floor (module docstring, 2.).
+#: The reliability certificates (module docstring, 2.): `λ_1 <= (1 +
+#: _FLOOR_EPS) θ_1` except with probability `_FAILURE` in all (half each).
 _FLOOR_EPS = 4.9e-3
-_FLOOR_FAILURE = 1e-6
+_FAILURE = 1e-6
 
 #: `β_k <= _BREAKDOWN · θ_1`: an invariant subspace, the iteration ends.
 _BREAKDOWN = 1e-6
@@ -102,9 +120,35 @@ def _row_norms(matrix):
 
 
 def _floor_steps(n):
-    """The step floor for an `n x n` Gram matrix (module docstring, 2.)."""
-    k = (math.log(1.648 * math.sqrt(n) / _FLOOR_FAILURE) / math.sqrt(_FLOOR_EPS) + 1.0) / 2.0
+    """The step floor for an `n x n` Gram matrix (module docstring, 2.b)."""
+    k = (math.log(1.648 * math.sqrt(n) / (_FAILURE / 2)) / math.sqrt(_FLOOR_EPS) + 1.0) / 2.0
     return min(n, math.ceil(k))
+
+
+def _log_delta(n):
+    """`log δ` with `P(|c_1| < δ) <= _FAILURE / 2` for `c_1` a coordinate of a
+    vector uniform on the unit sphere of `R^n`, `n >= 3` (module docstring,
+    2.a): its density `(1 − c²)^((n−3)/2) / B(1/2, (n−1)/2)` is at most `1 / B`."""
+    m = (n - 1) / 2.0
+    log_beta = math.lgamma(0.5) + math.lgamma(m) - math.lgamma(m + 0.5)
+    return math.log(_FAILURE / 2) + log_beta - math.log(2.0)
+
+
+def _upper_bound_holds(alphas, betas, beta, theta, n):
+    """Whether `λ_1 <= (1 + _FLOOR_EPS) θ_1` is certified a posteriori (module
+    docstring, 2.a): `log p_k(α) − Σ log β_j >= −log δ` at `α = (1 +
+    _FLOOR_EPS) θ_1`, `log p_k(α) = Σ log` of the pivots of `T_k − α` (all
+    positive above the top Ritz value)."""
+    target = (1.0 + _FLOOR_EPS) * theta
+    total = -math.log(beta) - sum(math.log(b) for b in betas) + _log_delta(n)
+    pivot = target - alphas[0]
+    for i in range(len(alphas)):
+        if i:
+            pivot = (target - alphas[i]) - betas[i - 1] * betas[i - 1] / pivot
+        if not pivot > 0.0:  # round-off at the top Ritz value: no certificate
+            return False
+        total += math.log(pivot)
+    return total >= 0.0
 
 
 def _gram_operator(matrix, scale):
@@ -241,11 +285,16 @@ def _lanczos(apply, n, tol, max_steps):
         beta = float(np.linalg.norm(w))
         # max(alphas) <= θ_1: a breakdown test without the tridiagonal solve.
         breakdown = beta <= _BREAKDOWN * max(max(alphas), np.finfo("float32").tiny)
-        stride = 1 if 2 * k <= 3 * floor else max(1, k // 32)
-        if breakdown or k == last or (k >= floor and (k - floor) % stride == 0):
+        # Checks: every few steps before the floor (the a posteriori
+        # certificate), each step from it, every `k // 32` past 1.5 floors.
+        stride = max(2, k // 8) if k < floor else 1 if 2 * k <= 3 * floor else max(1, k // 32)
+        if breakdown or k == last or (k >= 4 and k % stride == 0) or k == floor:
             theta, bound = _top_ritz(alphas, betas, beta)
             exact = breakdown or k == n  # an invariant subspace, or the whole space
-            if exact or (k >= floor and bound <= tol * theta):
+            if exact:
+                return theta, k, True
+            reliable = k >= floor or (floor < n and _upper_bound_holds(alphas, betas, beta, theta, n))
+            if bound <= tol * theta and reliable:
                 return theta, k, True
             if k == last:
                 return theta, k, False
@@ -322,11 +371,14 @@ def stable_rank(x, *, max_iterations=None, tol=1e-4):
     `[1e-9, 1e12]`, is first divided by its largest entry). `sigma_1^2` is the
     top eigenvalue of the smaller Gram matrix, by Lanczos iteration from a
     fixed start vector (deterministic) with a stopping rule that bounds the
-    error (module docstring): a residual bound certifies `tol`, and a step
-    floor (130 steps for `min(d_in, d_out) = 2048`) makes a Ritz value stuck
-    at a lower eigenvalue improbable (below 1e-6 for a stable rank more than
-    0.49% off); `min(d_in, d_out) <= 128` is solved exactly. Cost: one float32
-    product `W^T W` (an `n x n` temporary, `n <= 4096`) and ~130 small steps.
+    error (module docstring): a residual bound certifies `tol`, and a
+    probabilistic upper bound on `sigma_1` (a posteriori, from the Lanczos
+    polynomial, or a step floor: 135 steps for `min(d_in, d_out) = 2048`)
+    makes a Ritz value stuck at a lower eigenvalue improbable (below 1e-6 for
+    a stable rank more than 0.49% off, whatever the spectrum);
+    `min(d_in, d_out) <= 125` is solved exactly. Cost: one float32 product
+    `W^T W` (an `n x n` temporary, `n <= 4096`) and tens of small steps (up to
+    135 at `n = 2048`).
 
     A zero matrix has no dominant direction and `0 / 0` is undefined: by
     convention its stable rank is `0.0` (no exception), so diagnostics such as
