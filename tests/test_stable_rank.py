@@ -13,6 +13,7 @@ from keras import ops
 import keras_adaptive_lora as kal
 from keras_adaptive_lora.methods.sr_lora import StableRankLoRAAdapter, allocate_ranks
 from keras_adaptive_lora import spectral
+from keras_adaptive_lora.spectral import lanczos
 from keras_adaptive_lora.spectral import stable_rank
 
 BACKEND = keras.backend.backend()
@@ -121,7 +122,7 @@ def hidden_top(rows, n, component, seed=0):
     singular vector has only `component` along `stable_rank`'s start vector:
     the Ritz value locks onto sigma_2^2 (6% low) long before sigma_1 shows."""
     rng = np.random.default_rng(seed)
-    start = np.random.default_rng(spectral._START_SEED).standard_normal(n)
+    start = np.random.default_rng(lanczos._START_SEED).standard_normal(n)
     start /= np.linalg.norm(start)
     other = rng.normal(size=n)
     other -= (other @ start) * start
@@ -184,7 +185,7 @@ def test_step_floor_catches_a_ritz_value_stuck_below_sigma_1(monkeypatch):
     matrix = hidden_top(260, 200, 1e-3)
     error, steps = relative_error(matrix)
     assert error <= 5e-3
-    monkeypatch.setattr(spectral, "_floor_steps", lambda n: 1)
+    monkeypatch.setattr(lanczos, "_floor_steps", lambda n: 1)
     error, steps = relative_error(matrix)
     assert error > 0.05 and steps < 20
 
@@ -196,11 +197,11 @@ def test_a_posteriori_bound_alone_never_certifies_a_stuck_ritz_value(monkeypatch
     must wait for sigma_1 (its guarantee fails only for a start component
     below `δ`, 4.4e-8 at n = 200), and on a matrix with a separated top it
     certifies long before the floor."""
-    monkeypatch.setattr(spectral, "_floor_steps", lambda n: n - 1)
-    monkeypatch.setattr(spectral, "_upper_bound_holds", _counting(spectral._upper_bound_holds))
+    monkeypatch.setattr(lanczos, "_floor_steps", lambda n: n - 1)
+    monkeypatch.setattr(lanczos, "_upper_bound_holds", _counting(lanczos._upper_bound_holds))
     error, steps = relative_error(hidden_top(400, 300, component))
     assert error <= 5e-3 and steps < 100  # certified a posteriori, not at the floor (299)
-    assert spectral._upper_bound_holds.calls > 0
+    assert lanczos._upper_bound_holds.calls > 0
 
 
 def _counting(function):
@@ -231,20 +232,20 @@ def test_a_posteriori_bound_matches_its_oracle():
     beta_fn = np.trapezoid((1.0 - c**2) ** ((n - 3) / 2), c)  # the density's normalization
     grid = np.linspace(0.0, 1e-6, 20001)
     density = (1.0 - grid**2) ** ((n - 3) / 2) / beta_fn
-    delta = math.exp(spectral._log_delta(n))
+    delta = math.exp(lanczos._log_delta(n))
     mass = 2.0 * np.trapezoid(np.where(grid < delta, density, 0.0), grid)
-    assert 0.99 * spectral._FAILURE / 2 <= mass <= 1.001 * spectral._FAILURE / 2  # 1.001: quadrature
+    assert 0.99 * lanczos._FAILURE / 2 <= mass <= 1.001 * lanczos._FAILURE / 2  # 1.001: quadrature
     rng = np.random.default_rng(0)
     for k in (3, 10, 30):
         alphas, betas, beta = list(rng.uniform(1, 2, k)), list(rng.uniform(0.2, 0.6, k - 1)), float(rng.uniform(0.2, 0.6))
         ritz = np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         theta = float(ritz[-1])
-        log_margin = np.sum(np.log((1 + spectral._FLOOR_EPS) * theta - ritz)) - np.log(beta) - np.sum(np.log(betas)) + math.log(delta)
+        log_margin = np.sum(np.log((1 + lanczos._FLOOR_EPS) * theta - ritz)) - np.log(beta) - np.sum(np.log(betas)) + math.log(delta)
         assert abs(log_margin) < 300  # a case where both outcomes are reachable below
-        assert spectral._upper_bound_holds(alphas, betas, beta, theta, n) == (log_margin >= 0)
+        assert lanczos._upper_bound_holds(alphas, betas, beta, theta, n) == (log_margin >= 0)
         # Just inside and just outside the bound: scale the last β.
         for offset in (-0.01, 0.01):
-            holds = spectral._upper_bound_holds(alphas, betas, beta * math.exp(log_margin + offset), theta, n)
+            holds = lanczos._upper_bound_holds(alphas, betas, beta * math.exp(log_margin + offset), theta, n)
             assert holds == (offset < 0)
 
 
@@ -272,7 +273,7 @@ def test_top_ritz_matches_lapack_on_random_tridiagonals():
         alphas = rng.uniform(0.0, 1.0, k)
         betas = rng.uniform(0.0, 1.0, k - 1) * [1.0, 1e-3, 1e-6][trial % 3]
         beta = float(rng.uniform(0.01, 1.0))
-        theta, bound = spectral._top_ritz(list(alphas), list(betas), beta)
+        theta, bound = lanczos._top_ritz(list(alphas), list(betas), beta)
         values, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         residual, gap = beta * abs(vectors[-1, -1]), values[-1] - values[-2]
         expected = min(residual, residual**2 / gap) if gap > residual else residual
