@@ -168,8 +168,10 @@ def top_eigenvalue(apply, n, tol, max_steps):
     """Lanczos on the `n x n` operator `apply` until the stopping rule holds.
 
     Returns `(θ_1, steps, certified)`: certified is False when `max_steps`
-    ended it first. The rule is checked at each step from the floor on (every
-    `k // 32` steps past 1.5 floors: the tridiagonal solves add up).
+    ended it first. The rule is checked every few steps before the floor
+    (for the a posteriori certificate; not when the floor is `n`, where only
+    the whole space ends it), at each step from the floor on, every `k // 32`
+    steps past 1.5 floors (the tridiagonal solves add up).
     """
     floor, last = _floor_steps(n), min(n, max_steps)
     start = np.random.default_rng(_START_SEED).standard_normal(n)
@@ -185,16 +187,15 @@ def top_eigenvalue(apply, n, tol, max_steps):
         beta = float(np.linalg.norm(w))
         # max(alphas) <= θ_1: a breakdown test without the tridiagonal solve.
         breakdown = beta <= _BREAKDOWN * max(max(alphas), np.finfo("float32").tiny)
-        # Checks: every few steps before the floor (the a posteriori
-        # certificate), each step from it, every `k // 32` past 1.5 floors.
-        stride = max(2, k // 8) if k < floor else 1 if 2 * k <= 3 * floor else max(1, k // 32)
-        if breakdown or k == last or (k >= 4 and k % stride == 0) or k == floor:
+        if k < floor:
+            check = floor < n and k >= 4 and k % max(2, k // 8) == 0
+        else:
+            check = 2 * k <= 3 * floor or k % max(1, k // 32) == 0
+        if breakdown or k == last or check:
             theta, bound = _top_ritz(alphas, betas, beta)
-            exact = breakdown or k == n  # an invariant subspace, or the whole space
-            if exact:
+            if breakdown or k == n:  # an invariant subspace, or the whole space
                 return theta, k, True
-            reliable = k >= floor or (floor < n and _upper_bound_holds(alphas, betas, beta, theta, n))
-            if bound <= tol * theta and reliable:
+            if bound <= tol * theta and (k >= floor or _upper_bound_holds(alphas, betas, beta, theta, n)):
                 return theta, k, True
             if k == last:
                 return theta, k, False
