@@ -19,8 +19,11 @@ get nonzero values (`0.1 · normal`, so `f`, `A`, `B` all matter). Variants:
   autodiff: `(grid_size, d_in, d_out)` tensors.
 
 `--mode time` (one process per backend, one thread: `torch.set_num_threads(1)`,
-XLA's CPU runtime without its thread pool, tensorflow with one intra- and one
-inter-op thread): every variant is built and warmed up (compiled) first, then
+XLA's CPU runtime without its Eigen thread pool, tensorflow with one intra- and
+one inter-op thread, and the process pinned to one CPU (`--cpu`, default the
+last one it may use): without the pin jax's XLA runtime still runs independent
+operations on other threads, so its CPU time counted more than one core's
+work, e.g. LoRA 176 ms CPU for 90 ms wall): every variant is built and warmed up (compiled) first, then
 `--rounds` rounds each run one step of every variant in turn, so that the
 load of other processes on the machine hits all variants alike. Reported: the
 median CPU time (`time.process_time`) and wall time per step, and the ratio
@@ -218,16 +221,19 @@ def main():
         parser.add_argument(f"--{flag}", type=int, default=default)
     parser.add_argument("--variants", nargs="+", choices=("lora", "sinc", "naive"), default=["lora", "sinc"])
     parser.add_argument("--tf-graph", action="store_true", help="tensorflow without XLA (plain tf.function)")
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)), help="the CPU time mode runs on")
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "time":
+        os.sched_setaffinity(0, {args.cpu})  # before any backend starts its threads
     if args.worker:
         return time_worker(args) if args.worker == "time" else memory_worker(args)
     sizes = ("batch", "seq", "hidden", "intermediate", "pairs", "rank", "grid_size", "steps", "rounds")
-    common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in sizes] + ["--tf-graph"] * args.tf_graph
+    common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in sizes + ("cpu",)] + ["--tf-graph"] * args.tf_graph
     print(
         f"{args.pairs} x (kernels {args.hidden}x{args.intermediate}, {args.intermediate}x{args.hidden}), batch "
-        f"{args.batch} x seq {args.seq}, rank {args.rank}, grid {args.grid_size}, one thread; load {os.getloadavg()}"
+        f"{args.batch} x seq {args.seq}, rank {args.rank}, grid {args.grid_size}, one thread on CPU {args.cpu}; load {os.getloadavg()}"
     )
     for backend in args.backends:
         if args.mode in ("both", "time"):

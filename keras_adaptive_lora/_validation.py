@@ -1,6 +1,7 @@
 """One set of argument checks for every module: each returns the normalized
 value or raises a `ValueError` that names the argument and the value."""
 
+import math
 import numbers
 
 import numpy as np
@@ -26,10 +27,10 @@ def check_optional_int(name, value, minimum=1):
 
 def check_number(name, value, *, minimum=None, maximum=None, low_open=False, high_open=False,
                  allow_none=False):
-    """A real number in the given range (bools refused), as a float."""
+    """A finite real number in the given range (bools refused), as a float."""
     if value is None and allow_none:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if ok and minimum is not None:
         ok = value > minimum if low_open else value >= minimum
     if ok and maximum is not None:
@@ -41,7 +42,7 @@ def check_number(name, value, *, minimum=None, maximum=None, low_open=False, hig
             f" {'>' if low_open else '>='} {minimum}" if low else (
                 f" {'<' if high_open else '<='} {maximum}" if high else ""))
         none = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a number{where}{none}, got {value!r}.")
+        raise ValueError(f"`{name}` must be a finite number{where}{none}, got {value!r}.")
     return float(value)
 
 
@@ -77,3 +78,10 @@ def check_bool(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     return bool(value)
+
+
+def check_choice(name, value, choices):
+    """One of `choices` (a mapping's keys or a sequence)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value

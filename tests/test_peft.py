@@ -32,7 +32,7 @@ import keras_adaptive_lora as kal
 from keras_adaptive_lora.cli import main
 from keras_adaptive_lora.saving import read_adapter_file
 from keras_adaptive_lora.saving._safetensors import read_safetensors, write_safetensors
-from keras_adaptive_lora.methods.sinc.layer import truncated_factors
+from keras_adaptive_lora.spectral import truncated_factors
 from keras_adaptive_lora.targets import HF_MODULES, hf_modules
 
 from conftest import tiny_gemma, tiny_llama, to_numpy

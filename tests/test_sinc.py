@@ -640,12 +640,12 @@ def test_config_round_trip():
     [
         ({"rank": 0}, "`rank` must be a positive integer"),
         ({"alpha": -1.0}, "`alpha` must be a positive number"),
-        ({"grid_size": 1}, "`grid_size` must be at least 2"),
-        ({"grid_size": 2.5}, "`grid_size` must be a positive integer"),
-        ({"grid_range": 0.0}, "`grid_range` must be a positive finite number"),
-        ({"grid_range": float("inf")}, "`grid_range` must be a positive finite number"),
-        ({"grid_range": True}, "`grid_range` must be a positive finite number"),
-        ({"init": "zeros"}, "`init` must be one of"),
+        ({"grid_size": 1}, "`grid_size` must be an integer >= 2, got 1"),
+        ({"grid_size": 2.5}, "`grid_size` must be an integer >= 2, got 2.5"),
+        ({"grid_range": 0.0}, "`grid_range` must be a finite number > 0, got 0.0"),
+        ({"grid_range": float("inf")}, "`grid_range` must be a finite number > 0, got inf"),
+        ({"grid_range": True}, "`grid_range` must be a finite number > 0, got True"),
+        ({"init": "zeros"}, "`init` must be one of 'shifted', 'random', 'paper', got 'zeros'"),
         ({"seed": -1}, "`seed` must be None or a non-negative integer"),
     ],
 )

@@ -186,12 +186,7 @@ class AdapterLayer(keras.layers.Layer):
         under a mixed-precision policy too (the layer then casts explicitly).
         """
         return self.add_weight(
-            name=name,
-            shape=shape,
-            initializer=initializer,
-            dtype="float32",
-            trainable=trainable,
-            autocast=autocast,
+            name=name, shape=shape, initializer=initializer, dtype="float32", trainable=trainable, autocast=autocast
         )
 
     # The update ---------------------------------------------------------------
@@ -397,20 +392,21 @@ class AdapterLayer(keras.layers.Layer):
             )
         return out
 
+    #: `{variable name: "in" | "out"}`: the method's factors, for `factor_roles`.
+    factors = None
+
     def factor_roles(self):
         """`{name: "in" | "out" | None}` for `own_variables()`: `"in"` for an
         `A`-like `(d_in, k)` factor, `"out"` for a `B`-like `(k, d_out)` one
-        (they follow the kernel's input / output sharding), None for the rest.
-        Default: by shape (`k <= min(d_in, d_out)`; ambiguous square shapes get
-        None). Methods with factors override it with their names."""
-        limit = min(self.d_in, self.d_out)
-        roles = {}
+        (they follow the kernel's input / output sharding), None for the rest:
+        the class's `factors` where set, else by shape (`k <= min(d_in, d_out)`;
+        ambiguous square shapes get None)."""
+        limit, roles = min(self.d_in, self.d_out), {}
         for name, variable in self.own_variables():
-            role = None
-            if len(variable.shape) == 2:
+            role = None if self.factors is None else self.factors.get(name)
+            if self.factors is None and len(variable.shape) == 2:
                 rows, cols = (int(d) for d in variable.shape)
-                is_a = rows == self.d_in and cols <= limit
-                is_b = cols == self.d_out and rows <= limit
+                is_a, is_b = rows == self.d_in and cols <= limit, cols == self.d_out and rows <= limit
                 if is_a != is_b:
                     role = "in" if is_a else "out"
             roles[name] = role

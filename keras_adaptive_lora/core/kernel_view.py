@@ -161,6 +161,39 @@ class KernelView:
         return ops.transpose(shaped, self.inverse_perm)
 
 
+class MatrixIO:
+    """A layer's input (`side=0`) and output (`side=1`) as rows `(tokens, d_in | d_out)`
+    of its `KernelView` (for ops that work on the matrix view, e.g. LR-LoRA's merged
+    projection); refuses equations that sum over input axes outside the kernel."""
+
+    def __init__(self, view, layer_name):
+        self.view, equation = view, view.equation or "...i,io->...o"
+        inputs, out = equation.replace(" ", "").split("->")
+        lhs, ker = inputs.split(",")
+        lost = sorted(set(lhs) - set(out) - set(ker) - {"."})
+        if lost:
+            raise ValueError(
+                f"Layer '{layer_name}': equation '{equation}' sums over input axes {lost} that are in "
+                "neither the kernel nor the output, so its input has no row view of size d_in "
+                "(SincLoRA's merged projection needs one). Exclude this layer from the targets."
+            )
+        mid = "".join(c for c in lhs if c == "." or c in out)
+        self.spec = (lhs, out, mid) + tuple("".join(ker[i] for i in a) for a in (view.in_axes, view.out_axes))
+
+    def rows(self, x, side):
+        """`(rows, token axes' shape)`."""
+        source, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
+        if source != mid + letters:
+            x = ops.einsum(f"{source}->{mid}{letters}", x)
+        return ops.reshape(x, (-1, (self.view.d_in, self.view.d_out)[side])), tuple(ops.shape(x)[: len(x.shape) - len(letters)])
+
+    def unrows(self, rows, tokens, side):
+        """The inverse of `rows`."""
+        target, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
+        y = ops.reshape(rows, tokens + (self.view.in_dims, self.view.out_dims)[side])
+        return y if target == mid + letters else ops.einsum(f"{mid}{letters}->{target}", y)
+
+
 def kernel_view(layer):
     """The `KernelView` of a `Dense`/`EinsumDense` layer or adapter."""
     view = getattr(layer, "view", None)

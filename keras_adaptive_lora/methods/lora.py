@@ -40,6 +40,8 @@ class LoRAAdapter(AdapterLayer):
             Defaults to False.
     """
 
+    factors = {"lora_a": "in", "lora_b": "out"}
+
     def __init__(self, layer, *, rank, alpha=None, dropout=0.0, rslora=False, **kwargs):
         self.lora_rank = check_positive_int("rank", rank)
         self.alpha = check_alpha(alpha) if alpha is not None else float(rank)
@@ -87,9 +89,6 @@ class LoRAAdapter(AdapterLayer):
         a = np.asarray(ops.convert_to_numpy(self.lora_a), "float32")
         b = np.asarray(ops.convert_to_numpy(self.lora_b), "float32")
         return a, b * np.float32(self.scale), 0.0
-
-    def factor_roles(self):
-        return {name: {"lora_a": "in", "lora_b": "out"}.get(name) for name, _ in self.own_variables()}
 
     def adapter_config(self):
         return {

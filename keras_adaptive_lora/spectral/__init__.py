@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adaptive_lora._validation import check_positive_int
 from keras_adaptive_lora.core.kernel_view import base_layer, is_projection
 from keras_adaptive_lora.core.quantization import kernel_matrix
 from keras_adaptive_lora.spectral.lanczos import top_eigenvalue
@@ -277,3 +278,16 @@ def spectral_entropy_importance(singular_values, mask=None, eps=ENTROPY_EPS):
         return 0.0
     s = energy / total
     return float(-np.sum(s * np.log(s + eps)) / math.log(r))
+
+
+def truncated_factors(matrix, rank):
+    """The best rank-`rank` factors of `matrix` (SVD, Eckart-Young):
+    `(a (d_in, k), b (k, d_out), error)` with `a` orthonormal columns, the
+    singular values in `b`, `k = min(rank, min(d_in, d_out))`, and the
+    relative Frobenius error `||M - a b|| / ||M||` (0.0 for a zero matrix)."""
+    rank = check_positive_int("svd_rank", rank)
+    u, s, vt = np.linalg.svd(np.asarray(matrix, "float64"), full_matrices=False)
+    total = float(np.sqrt(np.sum(s**2)))
+    error = float(np.sqrt(np.sum(s[rank:] ** 2))) / total if total > 0 else 0.0
+    a, b = u[:, :rank], s[:rank, None] * vt[:rank]
+    return a.astype("float32"), b.astype("float32"), error

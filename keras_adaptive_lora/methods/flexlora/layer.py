@@ -86,6 +86,8 @@ class FlexLoRAAdapter(AdapterLayer):
             Defaults to `rank`.
     """
 
+    factors = {"flex_a": "in", "flex_b": "out"}
+
     def __init__(
         self, layer, *, rank, max_rank=None, alpha=None, orth_reg_weight=0.1, seed=None,
         active_rank=None, **kwargs
@@ -208,10 +210,6 @@ class FlexLoRAAdapter(AdapterLayer):
         a = np.asarray(ops.convert_to_numpy(self.flex_a), "float32")[:, active]
         b = np.asarray(ops.convert_to_numpy(self.flex_b), "float32")[active]
         return a, (b * gains[:, None]).astype("float32"), 0.0
-
-    def factor_roles(self):
-        roles = {"flex_a": "in", "flex_b": "out"}
-        return {name: roles.get(name) for name, _ in self.own_variables()}
 
     def importance(self):
         """The spectral entropy importance of the active components."""

@@ -4,10 +4,9 @@ update's rank is learned. `transfer.py` (the tabulated transfer function),
 
 import dataclasses
 
-from keras_adaptive_lora._validation import check_alpha, check_positive_int, check_seed
 from keras_adaptive_lora.core.kernel_view import check_rank, kernel_view
 from keras_adaptive_lora.core.method import AdapterMethod, LayerPlan, register_method
-from keras_adaptive_lora.methods.sinc.layer import SincLoRAAdapter, check_grid_range, check_grid_size, check_init
+from keras_adaptive_lora.methods.sinc.layer import SincLoRAAdapter, check_options
 from keras_adaptive_lora.methods.sinc.transfer import sinc_grid, sinc_transfer  # noqa: F401
 from keras_adaptive_lora.targets import ALL_ROLES, role_targets
 
@@ -27,13 +26,10 @@ class SincLoRA(AdapterMethod):
     `merge`.
 
     Initialization: amplitudes 0, so `ΔW = 0`. The paper's (`init="paper"`:
-    `B = 0`, grid `linspace(-c, c, K)`) is degenerate: with `A B = 0` the
-    amplitudes' gradients are equal at `±g_k`, `f` stays even, `f'(0) = 0`,
-    and `A`, `B` get exactly zero gradient (they move by float round-off
-    only, differently per backend). `"shifted"` moves the grid by half a
-    spacing, so `f'(0) ≠ 0` after the first step; `"random"` draws `B` with
-    `std(A B)` one grid spacing. The default comes from a multi-seed study
-    (docs/methods.md, `benchmarks/study_sinc_init.py`).
+    `B = 0`, grid `linspace(-c, c, K)`) is degenerate: `f` stays even and
+    `A`, `B` get exactly zero gradient. `"shifted"` (the default, from a
+    multi-seed study: docs/methods.md) moves the grid by half a spacing;
+    `"random"` draws `B` with `std(A B)` one grid spacing.
 
     Args:
         rank: the rank `r` of `A`, `B`. Defaults to 8.
@@ -70,16 +66,11 @@ class SincLoRA(AdapterMethod):
     seed: int = None
 
     def __post_init__(self):
-        self._set("rank", check_positive_int("rank", self.rank))
-        self._set("alpha", check_alpha(self.alpha))
-        self._set("grid_size", check_grid_size(self.grid_size))
-        self._set("grid_range", check_grid_range(self.grid_range))
-        self._set("init", check_init(self.init))
-        self._set("seed", check_seed(self.seed))
+        for name, value in check_options(**self.get_config()).items():
+            self._set(name, value)
 
     def wrap(self, layer):
-        fields = ("alpha", "grid_size", "grid_range", "init", "seed")
-        return SincLoRAAdapter(layer, rank=self.rank, **{f: getattr(self, f) for f in fields})
+        return SincLoRAAdapter(layer, **self.get_config())
 
     def plan(self, layers):
         for layer in layers:

@@ -2,51 +2,29 @@
 custom-gradient op over row blocks of the kernel's matrix view (`merged_projection`)."""
 
 import math
-import numbers
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_adaptive_lora import backend
-from keras_adaptive_lora._validation import check_alpha, check_positive_int, check_seed
+from keras_adaptive_lora._validation import check_alpha, check_choice, check_int, check_number, check_seed
 from keras_adaptive_lora.core.adapter import PACKAGE, AdapterLayer
-from keras_adaptive_lora.core.kernel_view import check_rank
+from keras_adaptive_lora.core.kernel_view import MatrixIO, check_rank
 from keras_adaptive_lora.methods.lora import lora_scale
 from keras_adaptive_lora.methods.sinc.transfer import cubic, locate, sinc_grid, sinc_transfer, transfer_table
+from keras_adaptive_lora.spectral import truncated_factors
 
 #: `init`: (grid shift, std of the initial `A B` entries), both in grid spacings.
 INITS = {"shifted": (0.5, 0.0), "random": (0.0, 1.0), "paper": (0.0, 0.0)}
 
 
-class MatrixIO:
-    """A layer's input (`side=0`) and output (`side=1`) as rows `(tokens, d_in | d_out)`."""
-
-    def __init__(self, view, layer_name):
-        self.view, equation = view, view.equation or "...i,io->...o"
-        inputs, out = equation.replace(" ", "").split("->")
-        lhs, ker = inputs.split(",")
-        lost = sorted(set(lhs) - set(out) - set(ker) - {"."})
-        if lost:
-            raise ValueError(
-                f"Layer '{layer_name}': equation '{equation}' sums over input axes {lost} that are in "
-                "neither the kernel nor the output; SincLoRA's merged-weight backward pass does not "
-                "support such equations. Exclude this layer from the targets."
-            )
-        mid = "".join(c for c in lhs if c == "." or c in out)
-        self.spec = (lhs, out, mid) + tuple("".join(ker[i] for i in a) for a in (view.in_axes, view.out_axes))
-
-    def rows(self, x, side):
-        """`(rows, token axes' shape)`."""
-        source, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
-        if source != mid + letters:
-            x = ops.einsum(f"{source}->{mid}{letters}", x)
-        return ops.reshape(x, (-1, (self.view.d_in, self.view.d_out)[side])), tuple(ops.shape(x)[: len(x.shape) - len(letters)])
-
-    def unrows(self, rows, tokens, side):
-        target, mid, letters = self.spec[side], self.spec[2], self.spec[3 + side]
-        y = ops.reshape(rows, tokens + (self.view.in_dims, self.view.out_dims)[side])
-        return y if target == mid + letters else ops.einsum(f"{mid}{letters}->{target}", y)
+def check_options(rank, alpha, grid_size, grid_range, init, seed):
+    """The validated options of `SincLoRA` / `SincLoRAAdapter`, as a dict."""
+    return {
+        "rank": check_int("rank", rank), "alpha": check_alpha(alpha), "grid_size": check_int("grid_size", grid_size, 2),
+        "grid_range": check_number("grid_range", grid_range, minimum=0, low_open=True),
+        "init": check_choice("init", init, INITS), "seed": check_seed(seed),
+    }
 
 
 def merged_projection(io, dtype, x, w_matrix, lora_a, lora_b, values, slopes, place):
@@ -127,11 +105,14 @@ class SincLoRAAdapter(AdapterLayer):
         rank, alpha, grid_size, grid_range, init, seed: as `SincLoRA`'s.
     """
 
+    factors = {"lora_a": "in", "lora_b": "out"}
+
     def __init__(self, layer, *, rank, alpha=None, grid_size=50, grid_range=3.0, init="shifted", seed=None, **kwargs):
-        self.lora_rank = check_positive_int("rank", rank)
-        self.alpha = check_alpha(alpha) if alpha is not None else float(self.lora_rank)
-        self.grid_size, self.grid_range = check_grid_size(grid_size), check_grid_range(grid_range)
-        self.init, self.seed = check_init(init), check_seed(seed)
+        options = check_options(rank, alpha, grid_size, grid_range, init, seed)
+        self.lora_rank = options.pop("rank")
+        self.alpha = options.pop("alpha") or float(self.lora_rank)
+        for name, value in options.items():  # grid_size, grid_range, init, seed
+            setattr(self, name, value)
         self.grid = sinc_grid(self.grid_size, self.grid_range, INITS[self.init][0])
         check_rank(layer, self.lora_rank)
         super().__init__(layer, **kwargs)
@@ -190,39 +171,5 @@ class SincLoRAAdapter(AdapterLayer):
             )
         return truncated_factors(ops.convert_to_numpy(self.delta_kernel()), svd_rank)
 
-    def factor_roles(self):
-        return {name: {"lora_a": "in", "lora_b": "out"}.get(name) for name, _ in self.own_variables()}
-
     def adapter_config(self):
         return {"rank": self.lora_rank, **{k: getattr(self, k) for k in ("alpha", "grid_size", "grid_range", "init", "seed")}}
-
-
-def check_grid_size(grid_size):
-    if check_positive_int("grid_size", grid_size) < 2:
-        raise ValueError(f"`grid_size` must be at least 2 (a grid on [-grid_range, grid_range] needs both ends), got {grid_size}.")
-    return grid_size
-
-
-def check_grid_range(grid_range):
-    if isinstance(grid_range, bool) or not isinstance(grid_range, numbers.Real) or not (math.isfinite(grid_range) and grid_range > 0):
-        raise ValueError(f"`grid_range` must be a positive finite number, got {grid_range!r}.")
-    return float(grid_range)
-
-
-def check_init(init):
-    if init not in INITS:
-        raise ValueError(f"`init` must be one of {sorted(INITS)}, got {init!r}.")
-    return init
-
-
-def truncated_factors(matrix, rank):
-    """The best rank-`rank` factors of `matrix` (SVD, Eckart-Young):
-    `(a (d_in, k), b (k, d_out), error)` with `a` orthonormal columns, the
-    singular values in `b`, `k = min(rank, min(d_in, d_out))`, and the
-    relative Frobenius error `||M - a b|| / ||M||` (0.0 for a zero matrix)."""
-    rank = check_positive_int("svd_rank", rank)
-    u, s, vt = np.linalg.svd(np.asarray(matrix, "float64"), full_matrices=False)
-    total = float(np.sqrt(np.sum(s**2)))
-    error = float(np.sqrt(np.sum(s[rank:] ** 2))) / total if total > 0 else 0.0
-    a, b = u[:, :rank], s[:rank, None] * vt[:rank]
-    return a.astype("float32"), b.astype("float32"), error
