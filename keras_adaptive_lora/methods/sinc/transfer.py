@@ -1,13 +1,6 @@
-"""The LR-LoRA transfer `f(x) = Σ_k a_k sinc(b_k (x − g_k))` in O(1) per entry.
-
-Each step tabulates `f`, `f'`, `f''` at uniform nodes over the data's range (a
-`(T, K)` computation, `transfer_table`); an entry is a cubic Hermite
-interpolation: the value from the `f`, `f'` nodes, the slope `f'` from its own
-`f'`, `f''` nodes (differentiating the value's cubic loses float32 accuracy).
-The node spacing `h` is a power of two with `π max(b) h <= _RESOLUTION` and
-the nodes are multiples of `h`, so `t = x/h − floor(x/h)` is exact. The table
-is filled `CHUNK` intervals at a time, as many as the data needs at that `h`
-(its cost follows the data); past `TABLE_ROWS` intervals `h` grows instead.
+"""The LR-LoRA transfer `f(x) = Σ_k a_k sinc(b_k (x − g_k))` in O(1) per entry: a
+per-step table of cubics over the data's range, interpolated (docs/methods.md,
+"Evaluation of f": node spacing, accuracy, gradients).
 """
 
 import math
@@ -57,11 +50,12 @@ def transfer_table(low, high, amplitudes, bandwidths, grid):
     """`(values, slopes, place)`: the `(4, TABLE_ROWS)` cubics of `f` and of `f'`
     per interval over `[low, high]` (coefficient `p` of interval `i` at `[p, i]`,
     unfilled intervals zero), and `place = (first, 1/h, chunks)`: interval `i`
-    spans `[(first + i) h, (first + i + 1) h]`.
-
-    Differentiable in `amplitudes` and `bandwidths` through `values` (the
-    slopes carry no gradient) by a custom gradient that recomputes the
-    `(T, K)` terms chunk by chunk instead of keeping them.
+    spans `[(first + i) h, (first + i + 1) h]`. The node spacing `h` is a power
+    of two with `π max(b) h <= _RESOLUTION` (so `x/h − floor(x/h)` is exact),
+    grown past `TABLE_ROWS` intervals; `CHUNK` intervals are filled at a time,
+    as many as the data needs. Differentiable in `amplitudes` and `bandwidths`
+    through `values` only, by a custom gradient that recomputes the `(T, K)`
+    terms chunk by chunk instead of keeping them.
     """
     grid = ops.convert_to_tensor(np.asarray(grid, "float32"))
     low, high, b_max = (ops.stop_gradient(v) for v in (low, high, ops.max(bandwidths)))
