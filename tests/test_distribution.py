@@ -498,7 +498,7 @@ def test_layout_map_for_plain_dense_exact_keys_win():
     assert axes_of(layout_map, "head/lora_b") == (M, None)
 
 
-def test_layout_map_for_dense_and_ambiguous_square_factors():
+def test_layout_map_for_dense_and_ambiguous_square_factors(monkeypatch):
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(8, name="wide")(keras.layers.Dense(4, name="square")(inputs))
     model = keras.Model(inputs, outputs)
@@ -510,12 +510,33 @@ def test_layout_map_for_dense_and_ambiguous_square_factors():
     assert axes_of(layout_map, "wide/lora_a") == (B, None)
     assert axes_of(layout_map, "wide/lora_b") == (None, M)
     # (4, 4) factors of a rank-4 adapter on a 4x4 kernel: LoRA names its
-    # factors (`factor_roles`), so A follows the input axis, B the output.
+    # factors (`AdapterLayer.factors`), so A follows the input axis, B the output.
     assert axes_of(layout_map, "square/lora_a") == (B, None)
     assert axes_of(layout_map, "square/lora_b") == (None, M)
-    # The default roles (by shape) cannot tell them apart: replicated.
     square = next(a for a in kal.find_adapters(model) if a.name == "square")
-    assert kal.AdapterLayer.factor_roles(square) == {"lora_a": None, "lora_b": None}
+    assert square.factor_roles() == {"lora_a": "in", "lora_b": "out"}
+    # Without names, the default roles (by shape) cannot tell them apart: replicated.
+    monkeypatch.setattr(kal.LoRAAdapter, "factors", None)
+    assert square.factor_roles() == {"lora_a": None, "lora_b": None}
+    wide = next(a for a in kal.find_adapters(model) if a.name == "wide")
+    assert wide.factor_roles() == {"lora_a": "in", "lora_b": "out"}  # (4, 2), (2, 8): by shape
+
+
+@pytest.mark.parametrize(
+    "method, roles",
+    [
+        (kal.SincLoRA(rank=4, grid_size=5), {"lora_a": "in", "lora_b": "out", "amplitudes": None, "bandwidth_logits": None}),
+        (kal.FlexLoRA(rank=2, max_rank=4), {"flex_a": "in", "flex_b": "out"}),
+        (kal.StableRankLoRA(), {"lora_a": "in", "lora_b": "out"}),
+    ],
+)
+def test_every_method_names_its_factors_on_a_square_kernel(method, roles):
+    layer = keras.layers.Dense(4)
+    layer.build((None, 4))
+    adapter = method.wrap(layer)  # (4, 4) factors: ambiguous by shape
+    got = adapter.factor_roles()
+    assert {k: got[k] for k in roles} == roles
+    assert all(role is None for name, role in got.items() if name not in roles)
 
 
 def test_layout_map_for_without_base_map_replicates(adapted):
