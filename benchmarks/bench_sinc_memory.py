@@ -24,8 +24,8 @@ one inter-op thread, and the process pinned to one CPU (`--cpu`, default the
 last one it may use): without the pin jax's XLA runtime still runs independent
 operations on other threads, so its CPU time counted more than one core's
 work, e.g. LoRA 176 ms CPU for 90 ms wall; `--threads all`: every backend's
-default threads on every CPU instead, as a user's run has them): every variant is built and warmed up (compiled) first, then
-`--rounds` rounds each run one step of every variant in turn, so that the
+default threads on every CPU instead, as a user's run has them): every
+variant is built and warmed up (compiled) first, then `--rounds` rounds each run one step of every variant in turn, so that the
 load of other processes on the machine hits all variants alike. Reported: the
 median CPU time (`time.process_time`) and wall time per step, and the ratio
 of medians `sinc / lora`, with `os.getloadavg()` before and after.

@@ -11,6 +11,7 @@ import math
 
 from keras_adaptive_lora._validation import (
     check_alpha,
+    check_choice,
     check_number,
     check_optional_int,
     check_positive_int,
@@ -159,11 +160,7 @@ class FlexLoRA(AdapterMethod):
         self._set("alpha", check_alpha(self.alpha))
         self._set("orth_reg_weight", check_number("orth_reg_weight", self.orth_reg_weight, minimum=0))
         self._set("seed", check_seed(self.seed))
-        if self.init_ranks not in INIT_RANKS:
-            raise ValueError(
-                f"`init_ranks` must be one of {', '.join(map(repr, INIT_RANKS))}, "
-                f"got {self.init_ranks!r}."
-            )
+        check_choice("init_ranks", self.init_ranks, INIT_RANKS)
 
     def wrap(self, layer, seed=None, active_rank=None):
         """Wrap one layer, `active_rank` (default `rank`) components active
