@@ -401,15 +401,16 @@ class AdapterLayer(keras.layers.Layer):
         (they follow the kernel's input / output sharding), None for the rest:
         the class's `factors` where set, else by shape (`k <= min(d_in, d_out)`;
         ambiguous square shapes get None)."""
+        if self.factors is not None:
+            return {name: self.factors.get(name) for name, _ in self.own_variables()}
         limit, roles = min(self.d_in, self.d_out), {}
         for name, variable in self.own_variables():
-            role = None if self.factors is None else self.factors.get(name)
-            if self.factors is None and len(variable.shape) == 2:
+            roles[name] = None
+            if len(variable.shape) == 2:
                 rows, cols = (int(d) for d in variable.shape)
                 is_a, is_b = rows == self.d_in and cols <= limit, cols == self.d_out and rows <= limit
                 if is_a != is_b:
-                    role = "in" if is_a else "out"
-            roles[name] = role
+                    roles[name] = "in" if is_a else "out"
         return roles
 
     def trainable_parameter_count(self):
